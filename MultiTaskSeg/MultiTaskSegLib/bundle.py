@@ -1,0 +1,146 @@
+"""The model bundle: a directory with bundle.json, model.safetensors and signatures.npz.
+
+No pickle anywhere: weights are safetensors, signatures an .npz read with
+``allow_pickle=False``. Loading checks ``format_version`` and the sha256 of every file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import BundleError
+from .inference import WindowConfig
+from .network import NetworkConfig, ResidualUNet3D
+from .ood import SpectralDetector
+from .preprocessing import PreprocessingConfig
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+SIGNATURES_FILE = "signatures.npz"
+META_FILE = "bundle.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    meta: dict
+
+    # --- parsed views of bundle.json -------------------------------------------------
+    @property
+    def network_config(self) -> NetworkConfig:
+        return NetworkConfig.from_dict(self.meta["architecture"])
+
+    @property
+    def preprocessing(self) -> PreprocessingConfig:
+        return PreprocessingConfig.from_dict(self.meta["preprocessing"])
+
+    @property
+    def window(self) -> WindowConfig:
+        p = self.meta["preprocessing"]
+        return WindowConfig(tuple(p["patch_size"]), float(p["overlap"]), int(p.get("batch_size", 2)))
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def labels(self) -> list[dict]:
+        return self.meta["labels"]
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {int(l["value"]): l["name"] for l in self.labels}
+
+    @property
+    def contexts(self) -> list[dict]:
+        return self.meta["contexts"]
+
+    @property
+    def context_names(self) -> list[str]:
+        return [c["name"] for c in self.contexts]
+
+    # --- heavy parts -----------------------------------------------------------------
+    def load_model(self, device: torch.device | str = "cpu") -> ResidualUNet3D:
+        model = ResidualUNet3D(self.network_config)
+        try:
+            state = load_file(str(self.path / MODEL_FILE), device="cpu")
+            model.load_state_dict(state)
+        except Exception as exc:  # safetensors raises several types for a corrupt file
+            raise BundleError(f"{self.path}: cannot load {MODEL_FILE}: {exc}") from None
+        return model.to(device).eval()
+
+    def detector(self) -> SpectralDetector:
+        ood = self.meta["ood"]
+        with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
+            return SpectralDetector(signatures=data["signatures"], context_index=data["context_index"],
+                                    case_ids=data["case_ids"], context_names=self.context_names,
+                                    layers=list(ood["layers"]), spectrum_length=ood.get("spectrum_length"),
+                                    threshold=float(ood["threshold"]))
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle directory, verifying its format version and every file hash."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: model bundle not found (expected a directory with {META_FILE})")
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{path}: not a model bundle ({META_FILE} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path}: not valid JSON ({exc})") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: unknown bundle format_version {version!r}; this MultiTaskSeg reads "
+                          f"version {FORMAT_VERSION} — update MultiTaskSeg or re-export the bundle")
+    files = meta.get("files") or {}
+    for required in (MODEL_FILE, SIGNATURES_FILE):
+        if required not in files:
+            raise BundleError(f"{path}: {META_FILE} lists no sha256 for {required}")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{path}: {name} is missing from the bundle")
+        actual = sha256_file(file)
+        if actual != digest:
+            raise BundleError(f"{path}: {name} is corrupt or was modified (sha256 {actual[:12]}… "
+                              f"does not match {digest[:12]}… in {META_FILE}); restore or re-download the bundle")
+    for key in ("architecture", "preprocessing", "labels", "contexts", "ood"):
+        if key not in meta:
+            raise BundleError(f"{path}: {META_FILE} has no '{key}' section")
+    return Bundle(path, meta)
+
+
+def save_bundle(path: str | os.PathLike, meta: dict, state_dict: dict[str, torch.Tensor],
+                signatures: np.ndarray, context_index: np.ndarray, case_ids: list[str]) -> Bundle:
+    """Write a complete bundle (files first, bundle.json with their hashes last)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path / MODEL_FILE))
+    np.savez_compressed(path / SIGNATURES_FILE, signatures=np.asarray(signatures, dtype=np.float32),
+                        context_index=np.asarray(context_index, dtype=np.int32),
+                        case_ids=np.asarray(case_ids, dtype=str))
+    meta = dict(meta)
+    meta["format_version"] = FORMAT_VERSION
+    meta["files"] = {name: sha256_file(path / name) for name in (MODEL_FILE, SIGNATURES_FILE)}
+    tmp = path / f".{META_FILE}.partial"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / META_FILE)
+    return load_bundle(path)

@@ -1,0 +1,152 @@
+"""Sliding-window inference with Gaussian blending, batched windows and optional flip TTA.
+
+While the windows run, the Gram matrix (channels × channels) of each tapped feature map is
+accumulated, weighted by the same Gaussian. Its eigenvalues are the squared singular values
+of the stacked (voxels × channels) feature matrix, so the spectral OOD signature comes from
+activations the segmentation already produced, with no second pass and no feature storage.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CancelledError  # noqa: F401  (re-exported for callers of progress callbacks)
+
+ProgressCallback = Callable[[str, float], None]
+
+
+@dataclass
+class WindowConfig:
+    patch_size: tuple[int, int, int] = (64, 64, 64)  # (z, y, x) voxels on the canonical grid
+    overlap: float = 0.5
+    batch_size: int = 2
+    tta_flips: bool = False
+
+    def to_dict(self) -> dict:
+        return {"patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size}
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; asking for CUDA without one is an error the caller reports."""
+    if requested in ("auto", "gpu"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if requested == "gpu":
+            raise RuntimeError("CUDA was requested but no CUDA GPU is available")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA GPU is available")
+    return torch.device(requested)
+
+
+def autocast_context(device: torch.device):
+    """bf16 (or fp16 where bf16 is unsupported) on CUDA; full precision on CPU."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+_GAUSSIAN_CACHE: dict = {}
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weight map (max 1) as in nnU-Net / MONAI: sigma = patch size / 8."""
+    key = (tuple(patch_size), sigma_scale)
+    if key not in _GAUSSIAN_CACHE:
+        axes = []
+        for n in patch_size:
+            sigma = n * sigma_scale
+            x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+            axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+        g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+        g = g / g.max()
+        g = np.maximum(g, g[g > 0].min()).astype(np.float32)
+        _GAUSSIAN_CACHE[key] = g
+    return _GAUSSIAN_CACHE[key]
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spaced window starts covering [0, size) with at least the requested overlap."""
+    if size <= patch:
+        return [0]
+    step = patch * (1.0 - overlap)
+    n = int(np.ceil((size - patch) / step)) + 1
+    return [int(round(s)) for s in np.linspace(0, size - patch, n)]
+
+
+@dataclass
+class WindowResult:
+    logits: torch.Tensor  # (C, D, H, W) float32 on CPU, blended
+    gram: dict[str, np.ndarray] = field(default_factory=dict)  # layer → (C×C) Gram / weight
+    context_logits: np.ndarray | None = None  # mean context-head logits over windows
+    n_windows: int = 0
+
+
+def _pad_to(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    pads = [max(p - s, 0) for s, p in zip(array.shape, patch)]
+    if not any(pads):
+        return array, tuple(slice(0, s) for s in array.shape)
+    widths = [(p // 2, p - p // 2) for p in pads]
+    padded = np.pad(array, widths, mode="constant", constant_values=0.0)
+    return padded, tuple(slice(w[0], w[0] + s) for w, s in zip(widths, array.shape))
+
+
+@torch.inference_mode()
+def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConfig, device: torch.device,
+                   taps: Sequence[str] = (), progress: ProgressCallback | None = None,
+                   stage: str = "inference") -> WindowResult:
+    """Blend window logits over the whole (z, y, x) array; accumulate feature Gram matrices for ``taps``."""
+    patch = tuple(config.patch_size)
+    padded, crop = _pad_to(array, patch)
+    shape = padded.shape
+    starts = list(itertools.product(*(window_starts(s, p, config.overlap) for s, p in zip(shape, patch))))
+    image = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
+    gauss = torch.from_numpy(gaussian_importance(patch)).to(device)
+    out_channels = model.config.out_channels
+    logits = torch.zeros((out_channels, *shape), dtype=torch.float32, device=device)
+    weight = torch.zeros(shape, dtype=torch.float32, device=device)
+    grams: dict[str, torch.Tensor] = {}
+    gram_weight: dict[str, torch.Tensor] = {}
+    context_sum = None
+    flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
+    for b0 in range(0, len(starts), config.batch_size):
+        batch_starts = starts[b0:b0 + config.batch_size]
+        slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in batch_starts]
+        x = torch.stack([image[sl] for sl in slices])[:, None]
+        out = None
+        for flip in flips:
+            xin = torch.flip(x, flip) if flip else x
+            with autocast_context(device):
+                y, feats = model(xin, taps=taps if not flip else ())
+            y = y.float()
+            y = torch.flip(y, flip) if flip else y
+            out = y if out is None else out + y
+            if not flip:
+                for name in taps:
+                    f = feats[name].float()
+                    g = F.adaptive_avg_pool3d(gauss[None, None], f.shape[2:])[0, 0]
+                    fm = f.flatten(2)  # (B, C, V)
+                    gm = (fm * g.flatten()[None, None]) @ fm.transpose(1, 2)
+                    grams[name] = grams.get(name, 0) + gm.sum(0)
+                    gram_weight[name] = gram_weight.get(name, 0) + g.sum() * f.shape[0]
+                if "context" in feats:
+                    c = feats["context"].float().sum(0)
+                    context_sum = c if context_sum is None else context_sum + c
+        out = out / len(flips)
+        for k, sl in enumerate(slices):
+            logits[(slice(None), *sl)] += out[k] * gauss
+            weight[sl] += gauss
+        if progress is not None:
+            progress(stage, min(1.0, (b0 + len(batch_starts)) / len(starts)))
+    logits /= weight
+    logits = logits[(slice(None), *crop)].float().cpu()
+    gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
+    context = None if context_sum is None else (context_sum / len(starts)).cpu().numpy()
+    return WindowResult(logits, gram, context, len(starts))

@@ -1,0 +1,189 @@
+"""The whole prediction pipeline, shared by `mtseg predict` and the Slicer module.
+
+image → preprocess → sliding window (+ feature spectra) → OOD score → temperature-scaled
+probabilities → (optional context restriction) → labels and uncertainty on the input grid.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import Bundle
+from .errors import InputVolumeError, MultiTaskSegError
+from .inference import ProgressCallback, WindowConfig, select_device, sliding_window
+from .network import enable_mc_dropout
+from .ood import OODResult
+from .preprocessing import grid_to_input, preprocess
+from .uncertainty import normalised_entropy, restrict_to_classes, softmax_with_temperature
+from .volume_io import validate_volume
+
+
+@dataclass
+class PredictOptions:
+    device: str = "auto"  # auto | cpu | cuda | gpu
+    tta: bool = False  # flip test-time augmentation
+    mc_dropout: int = 0  # number of MC-dropout passes (0 = off)
+    modality: str | None = None  # 'CT' / 'MR' to override detection
+    restrict_to_context: bool | None = None  # None = the bundle's default
+
+
+@dataclass
+class Prediction:
+    labels: sitk.Image  # uint8 on the input grid
+    uncertainty: sitk.Image  # float32 in [0, 1] on the input grid
+    ood: OODResult
+    context: str  # recognised context (used for restriction when enabled)
+    label_names: dict[int, str]
+    volumes_ml: dict[str, float]
+    mean_uncertainty: float
+    mean_uncertainty_per_label: dict[str, float]
+    modality: str
+    device: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    signature: np.ndarray | None = None
+    probabilities: torch.Tensor | None = None  # canonical grid, kept only on request
+
+    def report(self) -> dict:
+        """The JSON report written beside the outputs (DESIGN.md keys plus extras)."""
+        return {"ood": self.ood.to_dict(), "labels": {str(k): v for k, v in self.label_names.items()},
+                "volumes_ml": self.volumes_ml, "mean_uncertainty": self.mean_uncertainty,
+                "mean_uncertainty_per_label": self.mean_uncertainty_per_label,
+                "context": self.context, "modality": self.modality, "device": self.device,
+                "timings_s": self.timings_s}
+
+
+class Predictor:
+    """Holds a loaded model and detector; ``predict`` may be called for many images."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto"):
+        self.bundle = bundle
+        try:
+            self.device = select_device(device)
+        except RuntimeError as exc:
+            raise MultiTaskSegError(f"{exc}; use --device cpu (or auto)") from None
+        self.model = bundle.load_model(self.device)
+        self.detector = bundle.detector()
+        self.window: WindowConfig = bundle.window
+        self.preprocessing = bundle.preprocessing
+        self.context_labels = [list(c["labels"]) for c in bundle.contexts]
+        self.inference_meta = bundle.meta.get("inference", {})
+
+    def _recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
+        if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
+            return int(np.argmax(context_logits))
+        return self.bundle.context_names.index(ood.nearest_context)
+
+    def predict(self, image: sitk.Image, options: PredictOptions | None = None,
+                progress: ProgressCallback | None = None,
+                on_ood: Callable[[OODResult], None] | None = None,
+                keep_probabilities: bool = False) -> Prediction:
+        options = options or PredictOptions()
+        report = progress or (lambda stage, fraction: None)
+        validate_volume(image)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        report("preprocess", 0.0)
+        pre = preprocess(image, self.preprocessing, options.modality)
+        timings["preprocess"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        window = WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta)
+        result = sliding_window(self.model, pre.array, window, self.device, self.detector.layers, report)
+        timings["inference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        signature = self.detector.signature(result.gram)
+        ood = self.detector.score(signature)
+        timings["ood"] = time.perf_counter() - t
+        if on_ood is not None:
+            on_ood(ood)
+
+        t = time.perf_counter()
+        probs = softmax_with_temperature(result.logits, self.bundle.temperature)
+        if options.mc_dropout > 0:
+            enable_mc_dropout(self.model, True)
+            try:
+                for k in range(options.mc_dropout):
+                    sample = sliding_window(self.model, pre.array, window, self.device, (), report,
+                                            stage=f"mc dropout {k + 1}/{options.mc_dropout}")
+                    probs += softmax_with_temperature(sample.logits, self.bundle.temperature)
+            finally:
+                enable_mc_dropout(self.model, False)
+            probs /= options.mc_dropout + 1
+        context_index = self._recognise_context(result.context_logits, ood)
+        restrict = options.restrict_to_context
+        if restrict is None:
+            restrict = bool(self.inference_meta.get("restrict_to_context", False))
+        n_classes = probs.shape[0]
+        if restrict:
+            allowed = self.context_labels[context_index]
+            probs = restrict_to_classes(probs, allowed)
+            n_classes = len(allowed) + 1
+        entropy = normalised_entropy(probs, n_classes=n_classes)
+        timings["uncertainty"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report("resample", 0.0)
+        labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image)
+        timings["resample"] = time.perf_counter() - t
+
+        spacing = np.prod(image.GetSpacing()) / 1000.0
+        names = self.bundle.label_names
+        counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+        volumes = {names[v]: float(counts[v] * spacing) for v in sorted(names)}
+        per_label = {}
+        for v in sorted(names):
+            if counts[v]:
+                per_label[names[v]] = float(uncertainty[labels == v].mean())
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        unc_image = sitk.GetImageFromArray(uncertainty)
+        unc_image.CopyInformation(image)
+        timings["total"] = time.perf_counter() - t0
+        report("done", 1.0)
+        return Prediction(label_image, unc_image, ood, self.bundle.context_names[context_index], names, volumes,
+                          float(uncertainty.mean()), per_label, pre.modality, str(self.device),
+                          {k: round(v, 3) for k, v in timings.items()}, signature,
+                          probs if keep_probabilities else None)
+
+    @staticmethod
+    def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
+                       reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+        """Argmax of linearly resampled probabilities on the input grid, one class at a time.
+
+        A class whose probability never reaches 1/C on the canonical grid cannot win the
+        argmax anywhere after linear interpolation, so it is skipped (exact, and much less work
+        and memory on large CTs).
+        """
+        n = probs.shape[0]
+        best = None
+        labels = None
+        for c in range(n):
+            channel = probs[c].numpy()
+            if c > 0 and channel.max() < 1.0 / n:
+                continue
+            p = grid_to_input(channel, grid, reference, default=1.0 if c == 0 else 0.0)
+            if best is None:
+                best, labels = p, np.zeros(p.shape, np.uint8)
+            else:
+                win = p > best
+                labels[win] = c
+                np.maximum(best, p, out=best)
+        uncertainty = grid_to_input(entropy.numpy().astype(np.float32), grid, reference)
+        np.clip(uncertainty, 0.0, 1.0, out=uncertainty)
+        return labels, uncertainty.astype(np.float32, copy=False)
+
+
+def predict_image(bundle: Bundle, image: sitk.Image, options: PredictOptions | None = None) -> Prediction:
+    """One-call convenience for scripts."""
+    opts = options or PredictOptions()
+    return Predictor(bundle, opts.device).predict(image, opts)
+
+
+__all__ = ["PredictOptions", "Prediction", "Predictor", "predict_image", "InputVolumeError"]

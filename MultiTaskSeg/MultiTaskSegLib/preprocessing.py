@@ -1,0 +1,128 @@
+"""Preprocessing that needs no dataset id: canonical grid, target spacing, intensity normalisation.
+
+The network always sees an axis-aligned (identity-direction, LPS) grid at the bundle's target
+spacing; intensities are mapped to roughly [0, 1] by a rule chosen from the modality, which is
+detected from the intensities themselves (CT is in Hounsfield units, with air near -1000).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+CT_WINDOW = (-200.0, 300.0)  # soft-tissue window wide enough to keep fat, organs and contrast
+MR_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass
+class PreprocessingConfig:
+    target_spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    ct_window: tuple[float, float] = CT_WINDOW
+    mr_percentiles: tuple[float, float] = MR_PERCENTILES
+
+    def to_dict(self) -> dict:
+        return {"target_spacing": list(self.target_spacing), "orientation": "LPS (identity direction)",
+                "intensity": {"CT": {"clip_hu": list(self.ct_window), "scale": "to [0, 1]"},
+                              "MR": {"clip_percentiles": list(self.mr_percentiles), "scale": "to [0, 1]"},
+                              "modality": "detected from intensities unless given"}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessingConfig":
+        ct = d.get("intensity", {}).get("CT", {}).get("clip_hu", CT_WINDOW)
+        mr = d.get("intensity", {}).get("MR", {}).get("clip_percentiles", MR_PERCENTILES)
+        return cls(tuple(float(s) for s in d["target_spacing"]), tuple(ct), tuple(mr))
+
+
+def _sample(array: np.ndarray, max_voxels: int = 2_000_000) -> np.ndarray:
+    """A strided subsample for percentile statistics (exact enough, much faster on big CTs)."""
+    step = max(1, int(np.ceil(array.size / max_voxels)))
+    return array.reshape(-1)[::step]
+
+
+def detect_modality(array: np.ndarray) -> str:
+    """'CT' when the intensities look like Hounsfield units (air near -1000, tissue above 0)."""
+    sample = _sample(array)
+    low, high = np.percentile(sample, [0.5, 99.5])
+    return "CT" if low <= -500 and high >= 100 else "MR"
+
+
+def normalise_intensities(array: np.ndarray, modality: str, config: PreprocessingConfig) -> np.ndarray:
+    """Map intensities to about [0, 1] (float32); CT by a fixed HU window, MR by percentiles."""
+    if modality == "CT":
+        low, high = config.ct_window
+    else:
+        low, high = np.percentile(_sample(array), config.mr_percentiles)
+        if high <= low:
+            high = low + 1.0
+    out = np.clip(array.astype(np.float32, copy=False), low, high)
+    out -= low
+    out *= 1.0 / (high - low)
+    return out
+
+
+def canonical_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """An empty identity-direction grid at ``spacing`` covering the image's physical extent."""
+    size = np.array(image.GetSize())
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)],
+                       dtype=float)
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    low, high = points.min(0), points.max(0)
+    spacing = np.asarray(spacing, dtype=float)
+    new_size = np.maximum(np.round((high - low) / spacing).astype(int) + 1, 1)
+    grid = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetOrigin(low.tolist())
+    grid.SetDirection(np.eye(3).ravel().tolist())
+    return grid
+
+
+def _antialias(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """Gaussian blur before downsampling so thin bright structures do not alias."""
+    source = np.array(image.GetSpacing())
+    target = np.asarray(spacing, dtype=float)
+    sigma = np.sqrt(np.maximum(target**2 - source**2, 0.0)) / 2.355
+    if np.all(target <= 1.5 * source):
+        return image
+    sigma = np.where(target > 1.5 * source, sigma, 0.01)
+    return sitk.SmoothingRecursiveGaussian(image, sigma.tolist())
+
+
+@dataclass
+class PreprocessedImage:
+    """The network's view of an image and what is needed to map results back."""
+
+    array: np.ndarray  # (z, y, x) float32, normalised, on the canonical grid
+    grid: sitk.Image  # canonical grid (geometry only)
+    modality: str
+    stats: dict = field(default_factory=dict)
+
+
+def preprocess(image: sitk.Image, config: PreprocessingConfig, modality: str | None = None) -> PreprocessedImage:
+    """Normalise and resample an image onto its canonical grid."""
+    array = sitk.GetArrayViewFromImage(image)
+    modality = modality or detect_modality(array)
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality must be 'CT' or 'MR', not {modality!r}")
+    normalised = sitk.GetImageFromArray(normalise_intensities(array, modality, config))
+    normalised.CopyInformation(image)
+    normalised = _antialias(normalised, config.target_spacing)
+    grid = canonical_grid(image, config.target_spacing)
+    resampled = sitk.Resample(normalised, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return PreprocessedImage(sitk.GetArrayFromImage(resampled), grid, modality)
+
+
+def resample_label_to_grid(label: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Nearest-neighbour label resampling onto a (canonical) grid, for training."""
+    out = sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out)
+
+
+def grid_to_input(array: np.ndarray, grid: sitk.Image, reference: sitk.Image,
+                  interpolator: int = sitk.sitkLinear, default: float = 0.0) -> np.ndarray:
+    """Resample a canonical-grid array (z, y, x) onto the input image's grid."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(grid)
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
+    return sitk.GetArrayFromImage(out)

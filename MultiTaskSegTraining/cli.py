@@ -1,0 +1,58 @@
+"""The `mtseg` command: train, predict, evaluate (and bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from MultiTaskSegLib.errors import MultiTaskSegError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtseg", description="MultiTaskSeg: joint multi-context 3D segmentation "
+                                     "with calibrated uncertainty and spectral OOD detection")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import predict_cmd
+    p = sub.add_parser("predict", help="segment volumes with a model bundle")
+    predict_cmd.add_arguments(p)
+    p.set_defaults(run=predict_cmd.run)
+    try:
+        from . import train_cmd
+        p = sub.add_parser("train", help="train a bundle on MSD-format datasets (joint, dedicated or fine-tune)")
+        train_cmd.add_arguments(p)
+        p.set_defaults(run=train_cmd.run)
+    except ImportError as exc:  # training extras not installed
+        _missing(sub, "train", exc)
+    try:
+        from . import evaluate_cmd
+        p = sub.add_parser("evaluate", help="Dice/HD95, calibration and OOD detection metrics for a bundle")
+        evaluate_cmd.add_arguments(p)
+        p.set_defaults(run=evaluate_cmd.run)
+    except ImportError as exc:
+        _missing(sub, "evaluate", exc)
+    return parser
+
+
+def _missing(sub, name: str, exc: ImportError) -> None:
+    p = sub.add_parser(name, help=f"(unavailable: {exc.name} is not installed)")
+    p.set_defaults(run=lambda args: _fail(f"'mtseg {name}' needs {exc.name}: pip install 'multitaskseg[train]'"))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except MultiTaskSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

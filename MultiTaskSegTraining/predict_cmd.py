@@ -1,0 +1,98 @@
+"""`mtseg predict`: segment volumes with a bundle, writing labels, uncertainty and a JSON report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from MultiTaskSegLib import DEFAULT_BUNDLE
+from MultiTaskSegLib.bundle import load_bundle
+from MultiTaskSegLib.errors import MultiTaskSegError
+from MultiTaskSegLib.predictor import PredictOptions, Predictor
+from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume, write_volume
+
+from .progress import StageBar
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume file (NIfTI, NRRD, MHA), DICOM series folder, or folder of volume files")
+    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: the shipped model)")
+    p.add_argument("--output-dir", "-o", required=True, help="where <case>_seg.nii.gz, _uncertainty.nii.gz and .json go")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4× slower)")
+    p.add_argument("--mc-dropout", type=int, default=0, metavar="N", help="add N MC-dropout passes to the uncertainty")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override modality detection from intensities")
+    p.add_argument("--restrict-to-context", dest="restrict", action="store_true", default=None,
+                   help="keep only the structures of the recognised context (default: the bundle's setting)")
+    p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def collect_cases(inputs: list[str]) -> list[tuple[str, Path]]:
+    """(case name, path) for every input; a folder is a DICOM series or holds volume files."""
+    cases = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if is_volume_file(f))
+            if files:
+                cases += [(case_name(f), f) for f in files]
+            else:  # maybe a DICOM series; read_volume says so clearly if not
+                cases.append((path.name, path))
+        else:
+            cases.append((case_name(path), path))
+    return cases
+
+
+def output_paths(out: Path, case: str) -> dict[str, Path]:
+    return {"seg": out / f"{case}_seg.nii.gz", "uncertainty": out / f"{case}_uncertainty.nii.gz",
+            "report": out / f"{case}.json"}
+
+
+def run(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.bundle)
+    out = Path(args.output_dir)
+    cases = collect_cases(args.inputs)
+    names = [c for c, _ in cases]
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise MultiTaskSegError(f"several inputs share the case name(s) {', '.join(dupes)}; their outputs would collide")
+    if not args.overwrite:
+        existing = [str(p) for c in names for p in output_paths(out, c).values() if p.exists()]
+        if existing:
+            raise MultiTaskSegError(f"{existing[0]} already exists ({len(existing)} output file(s) in total); "
+                                    "choose another --output-dir or pass --overwrite")
+    predictor = Predictor(bundle, args.device)
+    options = PredictOptions(args.device, args.tta, args.mc_dropout, args.modality, args.restrict)
+    failures = []
+    for i, (case, path) in enumerate(cases):
+        bar = StageBar(f"[{i + 1}/{len(cases)}] {case}", disable=args.quiet)
+        try:
+            image = read_volume(path)
+            prediction = predictor.predict(image, options, progress=bar.update)
+            paths = output_paths(out, case)
+            write_volume(prediction.labels, paths["seg"])
+            write_volume(prediction.uncertainty, paths["uncertainty"])
+            report = prediction.report()
+            report["input"] = str(path)
+            report["bundle"] = str(bundle.path)
+            tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
+            tmp.write_text(json.dumps(report, indent=2))
+            os.replace(tmp, paths["report"])
+            bar.close()
+            flag = "OUT OF DISTRIBUTION" if prediction.ood.is_ood else "in distribution"
+            print(f"{case}: context {prediction.context}; OOD score {prediction.ood.score:.3f} "
+                  f"(threshold {prediction.ood.threshold:.3f}, {flag}); {prediction.timings_s['total']:.1f} s",
+                  file=sys.stderr)
+        except MultiTaskSegError as exc:
+            bar.close()
+            failures.append(str(exc))
+            print(f"error: {exc}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of {len(cases)} case(s) failed", file=sys.stderr)
+        return 1
+    return 0
