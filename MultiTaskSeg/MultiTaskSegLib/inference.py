@@ -1,7 +1,8 @@
 """Sliding-window inference with Gaussian blending, batched windows and optional flip TTA.
 
 While the windows run, the Gram matrix (channels × channels) of each tapped feature map is
-accumulated, weighted by the same Gaussian. Its eigenvalues are the squared singular values
+accumulated, each voxel weighted by its window's share of the Gaussian blend (so every
+image voxel counts once in total, padding not at all). Its eigenvalues are the squared singular values
 of the stacked (voxels × channels) feature matrix, so the spectral OOD signature comes from
 activations the segmentation already produced, with no second pass and no feature storage.
 """
@@ -112,6 +113,16 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
     out_channels = model.config.out_channels
     logits = torch.zeros((out_channels, *shape), dtype=torch.float32, device=device)
     weight = torch.zeros(shape, dtype=torch.float32, device=device)
+    for st in starts:  # blending weights first: the Gram weights below need them
+        weight[tuple(slice(s, s + p) for s, p in zip(st, patch))] += gauss
+    # Feature-voxel weights for the Gram matrices: gauss / Σ gauss is a partition of unity, so
+    # every image voxel counts once in total however many windows cover it (one window → plain
+    # XᵀX), and padding counts not at all.
+    share = gauss_share = None
+    if taps:
+        share = torch.zeros(shape, dtype=torch.float32, device=device)
+        share[crop] = 1.0
+        share /= weight
     grams: dict[str, torch.Tensor] = {}
     gram_weight: dict[str, torch.Tensor] = {}
     context_sum = None
@@ -120,6 +131,8 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
         batch_starts = starts[b0:b0 + config.batch_size]
         slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in batch_starts]
         x = torch.stack([image[sl] for sl in slices])[:, None]
+        if taps:
+            gauss_share = torch.stack([gauss * share[sl] for sl in slices])[:, None]  # (B, 1, *patch)
         out = None
         for flip in flips:
             xin = torch.flip(x, flip) if flip else x
@@ -131,18 +144,17 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
             if not flip:
                 for name in taps:
                     f = feats[name].float()
-                    g = F.adaptive_avg_pool3d(gauss[None, None], f.shape[2:])[0, 0]
+                    g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
                     fm = f.flatten(2)  # (B, C, V)
-                    gm = (fm * g.flatten()[None, None]) @ fm.transpose(1, 2)
+                    gm = (fm * g[:, None]) @ fm.transpose(1, 2)
                     grams[name] = grams.get(name, 0) + gm.sum(0)
-                    gram_weight[name] = gram_weight.get(name, 0) + g.sum() * f.shape[0]
+                    gram_weight[name] = gram_weight.get(name, 0) + g.sum()
                 if "context" in feats:
                     c = feats["context"].float().sum(0)
                     context_sum = c if context_sum is None else context_sum + c
         out = out / len(flips)
         for k, sl in enumerate(slices):
             logits[(slice(None), *sl)] += out[k] * gauss
-            weight[sl] += gauss
         if progress is not None:
             progress(stage, min(1.0, (b0 + len(batch_starts)) / len(starts)))
     logits /= weight

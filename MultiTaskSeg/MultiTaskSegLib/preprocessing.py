@@ -53,7 +53,8 @@ def normalise_intensities(array: np.ndarray, modality: str, config: Preprocessin
     if modality == "CT":
         low, high = config.ct_window
     else:
-        low, high = np.percentile(_sample(array), config.mr_percentiles)
+        # plain floats: numpy-float64 bounds would promote the whole volume to float64 (NEP 50)
+        low, high = (float(v) for v in np.percentile(_sample(array), config.mr_percentiles))
         if high <= low:
             high = low + 1.0
     out = np.clip(array.astype(np.float32, copy=False), low, high)

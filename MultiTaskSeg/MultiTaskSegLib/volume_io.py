@@ -1,7 +1,10 @@
 """Reading and writing volumes with SimpleITK, with checks that give clear errors."""
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,10 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                problem = _nifti_problem(path)
+                if problem:
+                    raise InputVolumeError(f"{path}: {problem}")
             image = sitk.ReadImage(str(path))
     except InputVolumeError:
         raise
@@ -55,6 +62,64 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
         raise InputVolumeError(f"{path}: cannot read the file (unreadable or truncated?): {detail.strip()[:200]}") from None
     validate_volume(image, str(path))
     return squeeze_4d(image)
+
+
+# NIfTI datatype codes of floating-point voxels → numpy type
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_problem(path: Path) -> str | None:
+    """What ITK's NIfTI reader would hide: a truncated file (it pads with zeros) or NaN/Inf voxels
+    (it turns them into 0). Streams the file once; None when it is complete and finite."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            if len(head) < 348:
+                return None  # not a NIfTI header; let ITK report what it is
+            for order in "<>":
+                size = struct.unpack(order + "i", head[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                return None
+            if size == 348:
+                dims = struct.unpack(order + "8h", head[40:56])
+                datatype, bitpix = struct.unpack(order + "2h", head[70:74])
+                offset = int(struct.unpack(order + "f", head[108:112])[0])
+            else:
+                if len(head) < 540:
+                    return None
+                datatype, bitpix = struct.unpack(order + "2h", head[12:16])
+                dims = struct.unpack(order + "8q", head[16:80])
+                offset = int(struct.unpack(order + "q", head[168:176])[0])
+            ndim = dims[0]
+            if not 1 <= ndim <= 7 or bitpix <= 0:
+                return None
+            expected = max(offset, 352 if size == 348 else 544) + int(np.prod(dims[1:ndim + 1], dtype=np.int64)) * bitpix // 8
+            dtype = np.dtype(order + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
+            start = max(offset, 352 if size == 348 else 544)
+            pos, carry, bad = 0, b"", 0
+            chunk = head
+            while chunk:
+                if dtype is not None:  # count non-finite voxels in the data part of this chunk
+                    lo, hi = max(start - pos, 0), min(expected - pos, len(chunk))
+                    if hi > lo:
+                        data = carry + chunk[lo:hi]
+                        usable = len(data) - len(data) % dtype.itemsize
+                        bad += int((~np.isfinite(np.frombuffer(data[:usable], dtype))).sum())
+                        carry = data[usable:]
+                pos += len(chunk)
+                chunk = f.read(1 << 22)
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"cannot read the file (truncated or corrupt: {exc})"
+    if pos < expected:
+        return f"the file is truncated ({pos} of {expected} bytes); re-export or re-download it"
+    if bad:
+        return f"image has {bad} NaN/Inf voxels; replace them (e.g. with the background value) first"
+    return None
 
 
 def validate_volume(image: sitk.Image, name: str = "input") -> None:

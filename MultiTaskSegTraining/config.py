@@ -1,0 +1,69 @@
+"""Training configuration: defaults, loading from YAML/JSON, command-line overrides."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from MultiTaskSegLib.errors import MultiTaskSegError
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # MSD dataset folders
+    label_mode: str = "per_structure"  # or shared_foreground (the original method's setup)
+    merge_same_names: bool = False  # structures with the same name in several datasets share an output
+    init_bundle: str | None = None  # fine-tune (transfer learning) from this bundle
+    finetune: str = "all"  # all | decoder (encoder frozen)
+    seed: int = 0
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    target_spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
+    overlap: float = 0.5
+    batch_size: int = 2
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    dropout: float = 0.1
+    context_head: bool = True
+    context_loss_weight: float = 0.2
+    steps: int = 2000
+    max_minutes: float | None = None  # a wall-clock budget: the schedule anneals by whichever ends first
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    sampling: str = "sqrt"  # sqrt | proportional | uniform, across datasets
+    foreground_fraction: float = 0.5
+    augment: bool = True
+    checkpoint_every: int = 100
+    ood_layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])
+    spectrum_length: int | None = None
+    signature_augmentations: int = 2  # extra training signatures per case (random crop + intensity)
+    threshold_k: float = 2.5
+    restrict_to_context: bool = True
+    context_source: str = "head"  # head | signature
+    threads: int | None = None
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise MultiTaskSegError(f"{path}: config file not found")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+        return cls().updated(raw, source=str(path))
+
+    def updated(self, values: dict, source: str = "options") -> "TrainConfig":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MultiTaskSegError(f"{source}: unknown training option(s) {', '.join(unknown)}")
+        merged = {**asdict(self), **{k: v for k, v in values.items() if v is not None}}
+        return TrainConfig(**merged)

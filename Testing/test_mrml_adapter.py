@@ -1,0 +1,224 @@
+"""The MRML adapter with the real Slicer core libraries (slicer-core from PyPI): a real scene,
+real volume / segmentation / storage nodes and Slicer's segmentation logic."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+vtk = pytest.importorskip("vtk")
+
+from MultiTaskSegLib import mrml_adapter as adapter  # noqa: E402
+from MultiTaskSegLib.errors import CancelledError, InputVolumeError  # noqa: E402
+from MultiTaskSegLib.predictor import PredictOptions, Predictor  # noqa: E402
+
+CPU = PredictOptions(device="cpu")
+
+
+def oblique_image() -> sitk.Image:
+    """Small anisotropic volume with an oblique, left-handed (flipped) LPS direction and a blob."""
+    z, y, x = np.mgrid[:14, :20, :18]
+    blob = ((z - 7) / 5.0) ** 2 + ((y - 9) / 7.0) ** 2 + ((x - 10) / 6.0) ** 2 < 1.0
+    rng = np.random.default_rng(1)
+    array = (blob * 180 - 60 + rng.normal(0, 15, blob.shape)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.5, 3.0, 5.0))
+    image.SetOrigin((-31.0, 12.5, 47.0))
+    a, b = math.radians(25), math.radians(10)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    image.SetDirection((rz @ rx @ np.diag([1.0, 1.0, -1.0])).ravel().tolist())
+    return image
+
+
+def node_ids(scene) -> list[str]:
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+@pytest.fixture(scope="module")
+def predictor(untrained_bundle):
+    return Predictor(untrained_bundle, "cpu")
+
+
+@pytest.fixture
+def scene_and_input():
+    scene = slicer.vtkMRMLScene()
+    node = adapter.add_volume_node_from_image(scene, oblique_image(), "patient 1")
+    return scene, node
+
+
+def exported_labels(scene, segmentation_node, reference_node) -> np.ndarray:
+    """Segments exported by Slicer's logic onto the reference grid, mapped back to bundle label values."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs())
+    id_array = vtk.vtkStringArray()
+    for segment_id in ids:
+        id_array.InsertNextValue(segment_id)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, labelmap,
+                                                                                reference_node)
+    assert ok
+    assert np.allclose(adapter.node_ijk_to_ras(labelmap), adapter.node_ijk_to_ras(reference_node))
+    image_data = labelmap.GetImageData()
+    exported = vtk.util.numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
+    exported = exported.reshape(image_data.GetDimensions()[::-1])
+    values = [adapter.segment_label_value(segmentation.GetSegment(i)) for i in ids]
+    lut = np.zeros(len(ids) + 1, np.uint8)
+    lut[1:] = values  # exported value k+1 ↔ k-th segment id
+    scene.RemoveNode(labelmap)
+    return lut[exported]
+
+
+def test_geometry_round_trip_oblique_anisotropic(scene_and_input):
+    _, node = scene_and_input
+    original = oblique_image()
+    back = adapter.volume_node_to_image(node)
+    assert np.allclose(back.GetSpacing(), original.GetSpacing())
+    assert np.allclose(back.GetOrigin(), original.GetOrigin())
+    assert np.allclose(back.GetDirection(), original.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original))
+    # IJK→RAS really is non-trivial (RAS = flipped LPS)
+    m = adapter.node_ijk_to_ras(node)
+    assert not np.allclose(m[:3, :3], np.diag(np.diag(m[:3, :3])))
+
+
+def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predictor, scene_and_input):
+    scene, node = scene_and_input
+    # save the node with Slicer's own writer, so the CLI reads what Slicer would hand over
+    path = tmp_path / "patient1.nrrd"
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    scene.RemoveNode(storage)
+    from MultiTaskSegTraining.cli import main
+    rc = main(["predict", "--bundle", str(untrained_bundle.path), str(path), "--output-dir", str(tmp_path / "out"),
+               "--device", "cpu", "--quiet"])
+    assert rc == 0
+    cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "patient1_seg.nii.gz")))
+    report = json.loads((tmp_path / "out" / "patient1.json").read_text())
+
+    outputs, prediction = adapter.segment_volume_node(scene, node, predictor, CPU)
+    seg_node = outputs.segmentation
+    assert seg_node.GetName() == "patient 1 segmentation"
+    assert np.array_equal(exported_labels(scene, seg_node, node), cli_labels)
+    assert len(np.unique(cli_labels)) > 1, "test volume should give at least one structure"
+
+    # one segment per label, with name, colour and Slicer-format terminology, in label order
+    segmentation = seg_node.GetSegmentation()
+    segments = [segmentation.GetNthSegment(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert [s.GetName() for s in segments] == [l["name"] for l in untrained_bundle.labels]
+    liver = segments[0]
+    assert np.allclose(liver.GetColor(), np.array(untrained_bundle.labels[0]["color"]) / 255.0)
+    assert "SCT^10200004^Liver" in liver.GetTerminology()
+    assert liver.GetTerminology().split("~")[1] == "SCT^123037004^Anatomical Structure"
+    # reference geometry from the input
+    ref = seg_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    assert ref, "segmentation has no reference geometry"
+
+    # OOD attributes agree with the CLI report
+    assert float(seg_node.GetAttribute(adapter.ATTR_OOD_SCORE)) == pytest.approx(report["ood"]["score"], rel=1e-4)
+    assert float(seg_node.GetAttribute(adapter.ATTR_OOD_THRESHOLD)) == pytest.approx(report["ood"]["threshold"])
+    assert seg_node.GetAttribute(adapter.ATTR_IS_OOD) == ("true" if report["ood"]["is_ood"] else "false")
+    assert seg_node.GetAttribute(adapter.ATTR_NEAREST_CONTEXT) == report["ood"]["nearest_context"]
+
+    # uncertainty volume: float32 on the input's geometry, with the module's colour table
+    unc = outputs.uncertainty
+    assert unc.GetName() == "patient 1 uncertainty"
+    assert np.allclose(adapter.node_ijk_to_ras(unc), adapter.node_ijk_to_ras(node))
+    assert unc.GetImageData().GetDimensions() == node.GetImageData().GetDimensions()
+    assert unc.GetImageData().GetScalarType() == vtk.VTK_FLOAT
+    values = vtk.util.numpy_support.vtk_to_numpy(unc.GetImageData().GetPointData().GetScalars())
+    assert values.min() >= 0.0 and values.max() <= 1.0
+    cli_unc = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "patient1_uncertainty.nii.gz")))
+    assert np.allclose(values.reshape(cli_unc.shape), cli_unc, atol=1e-5)
+    assert unc.GetDisplayNode().GetColorNode().GetAttribute(adapter.ATTR_COLOR_TABLE) == "1"
+
+    # beside the input in the subject hierarchy
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    parent = sh.GetItemParent(sh.GetItemByDataNode(node)) if sh.GetItemByDataNode(node) else sh.GetSceneItemID()
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg_node)) == parent
+    assert sh.GetItemParent(sh.GetItemByDataNode(unc)) == parent
+
+    # results table data
+    assert set(prediction.volumes_ml) == {l["name"] for l in untrained_bundle.labels}
+
+
+def test_rerun_with_chosen_outputs_does_not_duplicate(predictor, scene_and_input):
+    scene, node = scene_and_input
+    first, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    before = node_ids(scene)
+    second, _ = adapter.segment_volume_node(scene, node, predictor, CPU, segmentation_node=first.segmentation,
+                                            uncertainty_node=first.uncertainty)
+    assert node_ids(scene) == before
+    assert second.segmentation is first.segmentation and second.uncertainty is first.uncertainty
+    assert first.segmentation.GetSegmentation().GetNumberOfSegments() == len(predictor.bundle.labels)
+    # without chosen outputs, existing nodes are left alone and new ones are made
+    third, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    assert third.segmentation.GetID() != first.segmentation.GetID()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 1  # shared colour table
+
+
+def test_cancel_leaves_scene_unchanged(predictor, scene_and_input):
+    scene, node = scene_and_input
+    before = node_ids(scene)
+    calls = []
+
+    def cancel_during_inference(stage: str, fraction: float) -> None:
+        calls.append(stage)
+        if stage not in ("preprocess",):
+            raise CancelledError()
+
+    with pytest.raises(CancelledError):
+        adapter.segment_volume_node(scene, node, predictor, CPU, progress=cancel_during_inference)
+    assert node_ids(scene) == before
+    assert len(calls) >= 2
+
+
+@pytest.mark.parametrize("kind", ["slice2d", "vector", "empty", "constant"])
+def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
+    scene = slicer.vtkMRMLScene()
+    if kind == "slice2d":
+        node = adapter.add_volume_node_from_image(scene, sitk.GetImageFromArray(np.arange(1 * 8 * 9, dtype=np.int16).reshape(1, 8, 9)), "slice")
+        message = "single slice"
+    elif kind == "vector":
+        rgb = sitk.GetImageFromArray(np.arange(4 * 5 * 6 * 3, dtype=np.uint8).reshape(4, 5, 6, 3), isVector=True)
+        node = adapter.add_volume_node_from_image(scene, rgb, "colour")
+        assert node.IsA("vtkMRMLVectorVolumeNode")
+        message = "components per voxel"
+    elif kind == "empty":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nothing")
+        message = "no voxels"
+    else:
+        node = adapter.add_volume_node_from_image(scene, sitk.Image(6, 6, 6, sitk.sitkInt16), "zeros")
+        message = "empty"
+    before = node_ids(scene)
+    with pytest.raises(InputVolumeError, match=message):
+        adapter.segment_volume_node(scene, node, predictor, CPU)
+    assert node_ids(scene) == before
+
+
+def test_terminology_string_format():
+    entry = {"category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+             "type": {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"}}
+    text = adapter.terminology_string(entry)
+    fields = text.split("~")
+    assert fields[0] == adapter.TERMINOLOGY_CONTEXT
+    assert fields[1:3] == ["SCT^123037004^Anatomical Structure", "SCT^78961009^Spleen"]
+    # Slicer's own parser reads it back
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(text, parsed)
+    assert parsed.GetTypeObject().GetCodeValue() == "78961009"
+
+
+def test_show_results_without_application(predictor, scene_and_input):
+    scene, node = scene_and_input
+    outputs, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    adapter.show_results(scene, node, outputs, opacity=0.35)
+    assert composite.GetForegroundVolumeID() == outputs.uncertainty.GetID()
+    assert composite.GetBackgroundVolumeID() == node.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.35)
