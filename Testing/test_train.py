@@ -1,0 +1,187 @@
+"""mtseg train on phantoms: bundle, resume, split, partial-label loss, bad datasets."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MultiTaskSegLib.bundle import load_bundle
+from MultiTaskSegTraining.cli import main
+from MultiTaskSegTraining.data import load_dataset, split_cases
+from MultiTaskSegTraining.losses import partial_label_loss
+from phantoms import make_msd_dataset
+from train_helpers import phantom_datasets, tiny_config
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    return phantom_datasets(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, datasets):
+    root = tmp_path_factory.mktemp("run")
+    config = tiny_config(root / "config.json", datasets)
+    out = root / "bundle"
+    assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(root / "cache")]) == 0
+    return out
+
+
+def test_joint_training_writes_a_bundle_that_predict_uses(trained, datasets, tmp_path):
+    bundle = load_bundle(trained)
+    meta = bundle.meta
+    assert [c["name"] for c in meta["contexts"]] == ["AbdomenPhantomCT", "HeartPhantomMR"]
+    assert [l["name"] for l in meta["labels"]] == ["liver", "spleen", "left ventricle", "myocardium"]
+    assert meta["contexts"][0]["labels"] == [1, 2] and meta["contexts"][1]["labels"] == [3, 4]
+    assert meta["training"]["steps"] == 6
+    assert meta["calibration"]["temperature"] > 0
+    det = bundle.detector()
+    n_train = sum(len(v["train"]) for v in meta["training"]["split"].values())
+    assert det.signatures.shape[0] == 2 * n_train  # each case + one augmentation
+    assert meta["ood"]["threshold"] > 0
+    image = sorted((datasets[0] / "imagesTr").iterdir())[0]
+    out = tmp_path / "pred"
+    assert main(["predict", "--bundle", str(trained), str(image), "-o", str(out), "-q"]) == 0
+    case = image.name[:-7]
+    seg = sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))
+    assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
+    report = json.loads((out / f"{case}.json").read_text())
+    assert set(report["labels"].values()) == {"liver", "spleen", "left ventricle", "myocardium"}
+    assert report["ood"]["detector"] == "spectral:enc2+dec0"
+
+
+def test_split_is_deterministic_patient_level_and_test_cases_are_never_read(trained, datasets, monkeypatch, tmp_path):
+    spec = load_dataset(datasets[0])
+    a, b = split_cases(spec, seed=0), split_cases(spec, seed=0)
+    assert a == b
+    parts = [set(a[k]) for k in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set().union(*parts) == {c.case_id for c in spec.cases}
+    assert split_cases(spec, seed=1) != a or len(spec.cases) < 3
+    # the bundle records the split, and training never preprocessed a test case
+    split = load_bundle(trained).meta["training"]["split"]
+    cached = {p.name.split("__")[1] for p in (trained.parent / "cache").iterdir()}
+    tests = {c for s in split.values() for c in s["test"]}
+    assert tests and not (tests & cached)
+
+
+def test_acdc_frames_of_one_patient_share_a_split(tmp_path):
+    root = make_msd_dataset(tmp_path, "Frames", "MR", n_cases=8)
+    meta = json.loads((root / "dataset.json").read_text())
+    for i, entry in enumerate(meta["training"]):  # rename to patientNNN_frame0K pairs
+        new = f"patient{i // 2:03d}_frame{i % 2 + 1:02d}.nii.gz"
+        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
+            (root / entry[key]).rename(root / sub / new)
+            entry[key] = f"./{sub}/{new}"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    split = split_cases(load_dataset(root), seed=3)
+    for part in split.values():
+        patients = {c.split("_frame")[0] for c in part}
+        for other in split.values():
+            if other is not part:
+                assert not patients & {c.split("_frame")[0] for c in other}
+
+
+def test_resume_continues_from_the_checkpoint(datasets, tmp_path):
+    config = tiny_config(tmp_path / "c.json", datasets, steps=4, checkpoint_every=2, signature_augmentations=0)
+    out, work = tmp_path / "b", tmp_path / "w"
+    common = ["train", "--config", str(config), "-o", str(out), "--work-dir", str(work), "--cache-dir", str(tmp_path / "cache")]
+    assert main(common) == 0
+    first = torch.load(work / "checkpoint.pt", weights_only=True)
+    assert first["step"] == 4
+    # a longer run resumed from step 4 must start there, not from scratch
+    shutil.rmtree(out)
+    assert main(common + ["--steps", "8", "--resume"]) == 0
+    log = (work / "train.log").read_text()
+    assert "resumed from step 4" in log
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 8
+    # without --resume an existing checkpoint is refused rather than silently overwritten
+    shutil.rmtree(out)
+    assert main(common) == 1
+
+
+def test_partial_label_loss_does_not_push_unannotated_structures_to_background():
+    torch.manual_seed(0)
+    k = 4  # background, liver (annotated), left ventricle and myocardium (not annotated here)
+    logits = torch.randn(1, k, 3, 3, 3, requires_grad=True)
+    target = torch.zeros(1, 3, 3, 3, dtype=torch.long)
+    target[0, 1, 1, 1] = 1
+    loss = partial_label_loss(logits, target, [[1]])
+    loss.backward()
+    g = logits.grad[0]
+    p = torch.softmax(logits.detach()[0], 0)
+    # The loss sees background and the unannotated classes only through p0 + p2 + p3, so its
+    # gradient with respect to each of their logits is proportional to its probability: moving
+    # mass from an unannotated structure to background changes nothing (zero directional gradient).
+    bg = target[0] == 0
+    ratio0 = g[0][bg] / p[0][bg]
+    for c in (2, 3):
+        assert torch.allclose(g[c][bg] / p[c][bg], ratio0, atol=1e-6)
+    # ...whereas a fully supervised loss (every class annotated) does push them to background
+    logits.grad = None
+    partial_label_loss(logits, target, [[1, 2, 3]]).backward()
+    g_full = logits.grad[0]
+    assert not torch.allclose(g_full[2][bg] / p[2][bg], g_full[0][bg] / p[0][bg], atol=1e-3)
+
+
+def _break(root, how):
+    meta = json.loads((root / "dataset.json").read_text())
+    first = root / meta["training"][0]["label"]
+    if how == "missing":
+        first.unlink()
+    elif how == "size":
+        img = sitk.ReadImage(str(first))
+        sitk.WriteImage(sitk.Image([s + 3 for s in img.GetSize()], sitk.sitkUInt8), str(first))
+    elif how == "undeclared":
+        img = sitk.ReadImage(str(first))
+        arr = sitk.GetArrayFromImage(img)
+        arr[0, 0, 0] = 9
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(first))
+    elif how == "empty":
+        meta["training"] = []
+        (root / "dataset.json").write_text(json.dumps(meta))
+    elif how == "no-json":
+        (root / "dataset.json").unlink()
+
+
+@pytest.mark.parametrize("how,message", [("missing", "missing"), ("size", "does not match image size"),
+                                         ("undeclared", "not declared"), ("empty", "no training cases"),
+                                         ("no-json", "no dataset.json")])
+def test_bad_datasets_fail_clearly_before_training(tmp_path, capsys, how, message):
+    root = make_msd_dataset(tmp_path, "Broken", "CT", n_cases=3)
+    _break(root, how)
+    config = tiny_config(tmp_path / "c.json", [root])
+    code = main(["train", "--config", str(config), "-o", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "b_work" / "checkpoint.pt").exists()
+
+
+def test_shared_foreground_mode_reproduces_the_original_setup(datasets, tmp_path):
+    config = tiny_config(tmp_path / "c.json", datasets, steps=2, label_mode="shared_foreground",
+                         signature_augmentations=0)
+    out = tmp_path / "b"
+    assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    meta = load_bundle(out).meta
+    assert [l["name"] for l in meta["labels"]] == ["foreground"]
+    assert meta["inference"]["restrict_to_context"] is False
+
+
+def test_fine_tune_from_a_bundle_with_frozen_encoder(trained, datasets, tmp_path):
+    config = tiny_config(tmp_path / "c.json", datasets[1:], steps=2, signature_augmentations=0)
+    out = tmp_path / "ft"
+    assert main(["train", "--config", str(config), "-o", str(out), "--mode", "finetune", "--init-bundle", str(trained),
+                 "--finetune", "decoder", "--cache-dir", str(tmp_path / "cache")]) == 0
+    source = load_bundle(trained).load_model()
+    tuned = load_bundle(out).load_model()
+    # frozen encoder: identical weights; decoder: trained further
+    for (name, a), (_, b) in zip(source.encoders.state_dict().items(), tuned.encoders.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not all(torch.equal(a, b) for a, b in zip(source.decoders.parameters(), tuned.decoders.parameters()))
