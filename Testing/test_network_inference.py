@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 import phantoms
 from MultiTaskSegLib.inference import (WindowConfig, autocast_context, gaussian_importance, sliding_window,
                                        window_starts)
-from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D, enable_mc_dropout
+from MultiTaskSegLib.network import NetworkConfig, enable_mc_dropout
 from MultiTaskSegLib.ood import signature_from_grams
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_to_classes, softmax_with_temperature
@@ -159,13 +160,23 @@ def test_signature_from_accumulated_gram_equals_direct_svd_of_the_tapped_feature
 
 
 def test_gram_of_several_windows_counts_each_voxel_once(model):
-    """With overlapping windows, the accumulated Gram of a constant-feature layer is that constant's outer product."""
-    array = np.random.default_rng(4).random((40, 48, 36), dtype=np.float32)
-    result = sliding_window(model, array, WindowConfig((32, 32, 32), 0.5, 2), CPU, taps=["enc2", "dec0"])
-    assert result.n_windows > 1
-    for gram in result.gram.values():
-        np.testing.assert_allclose(gram, gram.T, atol=1e-10)
-        assert np.linalg.eigvalsh(gram).min() > -1e-8
+    """Overlapping windows: with voxelwise features, the accumulated Gram is XᵀX / V over the image's voxels."""
+
+    class Voxelwise(_ConstantModel):
+        def forward(self, x, taps=()):
+            logits, _ = super().forward(x)
+            return logits, {"f": torch.cat([x, x * x, torch.sin(3 * x)], dim=1)}
+
+    array = np.random.default_rng(4).random((28, 40, 20), dtype=np.float32)
+    result = sliding_window(Voxelwise(), array, WindowConfig((16, 16, 16), 0.5, 3), CPU, taps=["f"])
+    assert result.n_windows > 8
+    v = array.reshape(-1).astype(np.float64)
+    features = np.stack([v, v * v, np.sin(3 * v)], axis=1)
+    np.testing.assert_allclose(result.gram["f"], features.T @ features / len(v), rtol=1e-5)
+    # and the real network's Gram over several windows is symmetric positive semi-definite
+    real = sliding_window(model, array[:, :24], WindowConfig((16, 16, 16), 0.25, 4), CPU, taps=["enc2"])
+    np.testing.assert_allclose(real.gram["enc2"], real.gram["enc2"].T, rtol=1e-5, atol=1e-8)
+    assert np.linalg.eigvalsh(real.gram["enc2"]).min() > -1e-6
 
 
 def test_padding_does_not_enter_the_signature():
@@ -182,12 +193,12 @@ def test_padding_does_not_enter_the_signature():
 
 
 def test_flip_tta_runs_and_keeps_shapes(model):
-    array = np.random.default_rng(5).random((32, 32, 32), dtype=np.float32)
-    plain = sliding_window(model, array, WindowConfig((32, 32, 32), 0.5, 1), CPU)
-    tta = sliding_window(model, array, WindowConfig((32, 32, 32), 0.5, 1, tta_flips=True), CPU)
+    array = np.random.default_rng(5).random((16, 16, 16), dtype=np.float32)
+    plain = sliding_window(model, array, WindowConfig((16, 16, 16), 0.5, 1), CPU)
+    tta = sliding_window(model, array, WindowConfig((16, 16, 16), 0.5, 1, tta_flips=True), CPU)
     assert tta.logits.shape == plain.logits.shape and torch.isfinite(tta.logits).all()
     # a flip-equivariant model (the constant one) is unchanged by TTA
-    const = sliding_window(_ConstantModel(), array, WindowConfig((32, 32, 32), 0.5, 1, tta_flips=True), CPU)
+    const = sliding_window(_ConstantModel(), array, WindowConfig((16, 16, 16), 0.5, 1, tta_flips=True), CPU)
     np.testing.assert_allclose(const.logits[1].numpy(), 3.25, rtol=1e-6)
 
 
@@ -223,7 +234,7 @@ def test_temperature_softens_and_restriction_renormalises():
 
 
 def test_mc_dropout_is_stochastic_and_eval_mode_deterministic(model):
-    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(6))
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(6))
     model.eval()
     with torch.no_grad():
         a, _ = model(x)
@@ -244,11 +255,10 @@ def test_mc_dropout_is_stochastic_and_eval_mode_deterministic(model):
 
 
 def test_predictor_mc_dropout_changes_the_uncertainty_only_when_asked(untrained_bundle):
-    image, _ = phantoms.ct_phantom((24, 24, 12), (4.0, 4.0, 4.0), seed=9)
+    image, _ = phantoms.ct_phantom((20, 20, 10), (4.0, 4.0, 4.0), seed=9)
     predictor = Predictor(untrained_bundle, "cpu")
     plain1 = predictor.predict(image, PredictOptions(device="cpu"))
     plain2 = predictor.predict(image, PredictOptions(device="cpu"))
-    import SimpleITK as sitk
     u1 = sitk.GetArrayFromImage(plain1.uncertainty)
     np.testing.assert_array_equal(u1, sitk.GetArrayFromImage(plain2.uncertainty))
     torch.manual_seed(2)

@@ -118,7 +118,7 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
     # Feature-voxel weights for the Gram matrices: gauss / Σ gauss is a partition of unity, so
     # every image voxel counts once in total however many windows cover it (one window → plain
     # XᵀX), and padding counts not at all.
-    share = gauss_share = None
+    share = gauss_share = None  # only needed when features are tapped
     if taps:
         share = torch.zeros(shape, dtype=torch.float32, device=device)
         share[crop] = 1.0
