@@ -1,0 +1,125 @@
+"""Qt-free parts of the Slicer module: OOD gauge geometry, device fallback, the background job."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MultiTaskSegLib import background
+from MultiTaskSegLib.background import PredictionJob, predict_with_fallback, resolve_device
+from MultiTaskSegLib.ood_gauge import (BORDERLINE, IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, context_description,
+                                       gauge_layout)
+from MultiTaskSegLib.predictor import PredictOptions, Predictor
+
+
+# --- gauge ---------------------------------------------------------------------------
+@pytest.mark.parametrize("score,state", [(0.1, IN_DISTRIBUTION), (0.45, BORDERLINE), (0.5, OUT_OF_DISTRIBUTION),
+                                         (3.0, OUT_OF_DISTRIBUTION)])
+def test_gauge_state_and_geometry(score, state):
+    g = gauge_layout(score, 0.5, "HeartMR (MR, heart)")
+    assert g.state == state
+    assert [b.state for b in g.bands] == [IN_DISTRIBUTION, BORDERLINE, OUT_OF_DISTRIBUTION]
+    assert g.bands[0].start == 0.0 and g.bands[-1].end == 1.0
+    assert all(a.end == b.start for a, b in zip(g.bands, g.bands[1:]))  # contiguous
+    assert g.bands[2].start == pytest.approx(g.threshold_position)
+    assert 0.0 <= g.score_position <= 1.0
+    # the score marker lies in the band of its state
+    band = next(b for b in g.bands if b.start <= g.score_position <= b.end and b.state == state)
+    assert band
+    assert g.context_text == "resembles: HeartMR (MR, heart)"
+    assert "0.5" in g.score_text
+
+
+def test_gauge_threshold_in_the_middle_unless_score_is_far_out():
+    assert gauge_layout(0.2, 0.5).threshold_position == pytest.approx(0.5)
+    far = gauge_layout(5.0, 0.5)
+    assert far.score_position < 1.0 and far.threshold_position < 0.5
+    with pytest.raises(ValueError):
+        gauge_layout(0.2, 0.0)
+
+
+def test_context_description():
+    contexts = [{"name": "HeartMR", "modality": "MR", "region": "heart"}]
+    assert context_description(contexts, "HeartMR") == "HeartMR (MR, heart)"
+    assert context_description(contexts, "Other") == "Other"
+
+
+# --- device --------------------------------------------------------------------------
+def test_resolve_device_falls_back_to_cpu_with_notice():
+    assert resolve_device("cpu", cuda_available=True) == ("cpu", None)
+    assert resolve_device("auto", cuda_available=True) == ("cuda", None)
+    assert resolve_device("gpu", cuda_available=True) == ("cuda", None)
+    device, notice = resolve_device("gpu", cuda_available=False)
+    assert device == "cpu" and "no CUDA GPU" in notice
+    device, notice = resolve_device("auto", cuda_available=False)
+    assert device == "cpu" and notice
+
+
+def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
+    monkeypatch.setattr(background, "resolve_device", lambda requested: ("cuda", None))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    calls, notices = [], []
+
+    class FakePredictor:
+        def __init__(self, device):
+            self.device = device
+
+        def predict(self, image, options, progress=None, on_ood=None):
+            calls.append((self.device, options.device))
+            if self.device == "cuda":
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return "prediction"
+
+    result = predict_with_fallback(FakePredictor, None, PredictOptions(device="auto"), notice=notices.append)
+    assert result == "prediction"
+    assert calls == [("cuda", "cuda"), ("cpu", "cpu")]
+    assert "out of memory" in notices[0]
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    class Broken:
+        def __init__(self, device):
+            pass
+
+        def predict(self, *args, **kwargs):
+            raise ValueError("bug")
+
+    with pytest.raises(ValueError):
+        predict_with_fallback(Broken, None, PredictOptions(device="cpu"))
+
+
+# --- background job ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_image():
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray((rng.normal(size=(12, 16, 16)) * 50).astype(np.float32))
+    image.SetSpacing((4.0, 3.0, 3.0))
+    return image
+
+
+def test_job_reports_ood_before_done_and_result(untrained_bundle, tiny_image):
+    job = PredictionJob(lambda device: Predictor(untrained_bundle, device), tiny_image, PredictOptions("cpu")).start()
+    assert job.wait(120)
+    kinds = [e.kind for e in job.poll()]
+    assert kinds[-1] == "done"
+    assert kinds.index("ood") < len(kinds) - 1 and "progress" in kinds
+
+
+def test_job_cancel_stops_without_result(untrained_bundle, tiny_image):
+    job = PredictionJob(lambda device: Predictor(untrained_bundle, device), tiny_image, PredictOptions("cpu"))
+    job.cancel()  # before it starts: the first progress report stops it
+    job.start()
+    assert job.wait(60)
+    kinds = [e.kind for e in job.poll()]
+    assert kinds == ["cancelled"]
+
+
+def test_job_reports_errors(tiny_image):
+    def factory(device):
+        raise RuntimeError("no model")
+
+    job = PredictionJob(factory, tiny_image, PredictOptions("cpu")).start()
+    assert job.wait(30)
+    events = job.poll()
+    assert [e.kind for e in events] == ["error"] and "no model" in str(events[0].payload)

@@ -1,0 +1,100 @@
+"""The module's self-test body (MultiTaskSegTest) and its Logic, run through slicer-core.
+
+See slicer_shell.py: only the Qt GUI / application shell is mocked.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+
+from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
+from MultiTaskSegLib.errors import BundleError  # noqa: E402
+from MultiTaskSegLib.mrml_selftest import default_bundle_missing_reason, run_selftest  # noqa: E402
+from slicer_shell import import_shell  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def shell(monkeypatch, scene):
+    return import_shell(monkeypatch, scene)
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory):
+    """A crop of the shipped sample CT, so the plumbing test stays fast on a busy CPU."""
+    image = sitk.ReadImage(str(SAMPLE_VOLUME))
+    path = tmp_path_factory.mktemp("sample") / "ct_crop.nrrd"
+    sitk.WriteImage(image[20:70, 20:70, 30:70], str(path))
+    return path
+
+
+def test_module_selftest_with_default_bundle(shell, scene):
+    """Exactly what MultiTaskSegTest.runTest does in Slicer: the default model on the sample CT, CPU."""
+    reason = default_bundle_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    test = shell.MultiTaskSegTest()
+    test.runTest()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") >= 1
+
+
+def test_selftest_body_with_untrained_bundle(shell, scene, untrained_bundle, small_sample):
+    """The same body and the real Logic.process, with a test bundle (runs before the default model exists)."""
+    logic = shell.MultiTaskSegLogic()
+    assert logic.ensureDependencies(askConfirmation=False)
+    result = run_selftest(scene, logic.process, untrained_bundle.path, small_sample, log=lambda text: None,
+                          time_limit_s=None)
+    assert set(result["volumes_ml"]) == {l["name"] for l in untrained_bundle.labels}
+
+
+def test_logic_reports_invalid_model_folder_clearly(shell, tmp_path):
+    logic = shell.MultiTaskSegLogic()
+    assert "not a model bundle" in logic.bundleProblem(str(tmp_path))
+    assert "not found" in logic.bundleProblem(str(tmp_path / "missing"))
+    if not (DEFAULT_BUNDLE / "bundle.json").is_file():
+        with pytest.raises(BundleError, match="default model is not installed"):
+            logic.loadBundle(None)
+
+
+def test_logic_background_run_and_cancel(shell, scene, untrained_bundle, small_sample):
+    """processInBackground with the poll timer driven by hand (the timer is Qt's)."""
+    from MultiTaskSegLib import mrml_adapter
+    node = mrml_adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(small_sample)), "crop")
+    logic = shell.MultiTaskSegLogic()
+    before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+    def run(cancel: bool) -> dict:
+        seen: dict = {"progress": [], "ood": [], "finished": None}
+        logic.processInBackground(node, modelPath=str(untrained_bundle.path), device="cpu",
+                                  onProgress=lambda s, f: seen["progress"].append(s),
+                                  onOOD=lambda ood, contexts: seen["ood"].append(ood),
+                                  onFinished=lambda *args: seen.__setitem__("finished", args))
+        assert logic.isRunning()
+        if cancel:
+            logic.cancel()
+        poll = logic._timer.connect.call_args[0][1]  # the slot the QTimer would call
+        logic._job.wait(120)
+        poll()
+        assert not logic.isRunning()
+        return seen
+
+    seen = run(cancel=True)
+    outputs, prediction, error, cancelled = seen["finished"]
+    assert cancelled and outputs is None and error is None
+    assert sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())) == before
+
+    seen = run(cancel=False)
+    outputs, prediction, error, cancelled = seen["finished"]
+    assert error is None and not cancelled
+    assert seen["ood"] and seen["progress"][-1] == "done"
+    assert seen["progress"].index("resample") > 0  # OOD was reported before resampling finished
+    assert outputs.segmentation.GetName() == "crop segmentation"
+    labels = np.unique(sitk.GetArrayFromImage(prediction.labels))
+    assert outputs.segmentation.GetSegmentation().GetNumberOfSegments() == len(untrained_bundle.labels) >= len(labels) - 1
