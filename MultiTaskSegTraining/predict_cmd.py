@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep only the structures of the recognised context (default: the bundle's setting)")
     p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+    p.add_argument("--png", action="store_true", help="also write <case>_overlay.png: a slice with both overlays")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -83,6 +84,13 @@ def run(args: argparse.Namespace) -> int:
             tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
             tmp.write_text(json.dumps(report, indent=2))
             os.replace(tmp, paths["report"])
+            if args.png:
+                from .snapshot import write_overlay_png
+                colors = {int(l["value"]): l["color"] for l in bundle.labels}
+                flag = " — OUT OF DISTRIBUTION" if prediction.ood.is_ood else ""
+                write_overlay_png(image, prediction.labels, prediction.uncertainty, colors, prediction.label_names,
+                                  out / f"{case}_overlay.png", f"{case}: context {prediction.context}, OOD score "
+                                  f"{prediction.ood.score:.3f} / threshold {prediction.ood.threshold:.3f}{flag}")
             bar.close()
             flag = "OUT OF DISTRIBUTION" if prediction.ood.is_ood else "in distribution"
             print(f"{case}: context {prediction.context}; OOD score {prediction.ood.score:.3f} "

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Train and evaluate the comparison arms of docs/RESULTS.md: joint vs dedicated vs transfer.
+
+    python scripts/experiments.py --data-root ../shared/data --out runs/arms [--stage train|evaluate|all]
+
+Every arm uses configs/arms.yaml (same architecture, budget and seeded split). Transfer =
+pre-train on the other datasets for the same budget, then fine-tune the whole network on the
+target for the same budget again. Finished arms are skipped, so the script can be rerun.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "BrainStructuresMR"]
+TRANSFER_TARGETS = ["BrainStructuresMR", "AbdomenCT"]  # the smallest datasets, where transfer should matter
+ROOT = Path(__file__).resolve().parents[1]
+MTSEG = [sys.executable, "-m", "MultiTaskSegTraining.cli"]
+
+
+def arms(data_root: Path) -> list[tuple[str, list[Path], dict]]:
+    d = {n: data_root / n for n in DATASETS}
+    out = [("joint", [d[n] for n in DATASETS], {})]
+    out += [(f"dedicated_{n}", [d[n]], {}) for n in DATASETS]
+    for t in TRANSFER_TARGETS:
+        others = [d[n] for n in DATASETS if n != t]
+        out.append((f"pretrain_without_{t}", others, {}))
+        out.append((f"transfer_{t}", [d[t]], {"init": f"pretrain_without_{t}"}))
+    return out
+
+
+def run(cmd: list[str], log: Path) -> None:
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    with open(log, "a") as f:
+        code = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        sys.exit(f"failed ({code}); see {log}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "arms")
+    ap.add_argument("--stage", choices=["train", "evaluate", "all"], default="all")
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "arms.yaml")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, data, extra in arms(args.data_root.resolve()):
+        bundle = args.out / name
+        log = args.out / f"{name}.log"
+        if args.stage in ("train", "all") and not (bundle / "bundle.json").exists():
+            cmd = MTSEG + ["train", *data, "--config", args.config, "-o", bundle, "--work-dir", args.out / f"{name}_work"]
+            if (args.out / f"{name}_work" / "checkpoint.pt").exists():
+                cmd.append("--resume")
+            if "init" in extra:
+                cmd += ["--init-bundle", args.out / extra["init"], "--finetune", "all"]
+            run(cmd, log)
+        if args.stage in ("evaluate", "all") and not name.startswith("pretrain") \
+                and not (args.out / f"{name}_eval" / "metrics.json").exists():
+            run(MTSEG + ["evaluate", "--bundle", bundle, "--data", *data, "--output-dir", args.out / f"{name}_eval"], log)
+
+
+if __name__ == "__main__":
+    main()
