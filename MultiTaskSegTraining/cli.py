@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from MultiTaskSegLib.errors import MultiTaskSegError
@@ -52,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, …: the user can act on these
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line for users, the traceback on request
+        if os.environ.get("MTSEG_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set MTSEG_DEBUG=1 for the traceback and "
+              "please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
