@@ -23,7 +23,7 @@ from MultiTaskSegLib.bundle import load_bundle, save_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.inference import WindowConfig, select_device, sliding_window
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
-from MultiTaskSegLib.ood import loo_threshold
+from MultiTaskSegLib.ood import case_groups, loo_threshold
 from MultiTaskSegLib.preprocessing import PreprocessingConfig
 from MultiTaskSegLib.terminology import describe
 
@@ -309,7 +309,7 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
     signatures, context_index, case_ids = case_signatures(model, cases["train"], window, dev, config.ood_layers,
                                                           config.spectrum_length, config.signature_augmentations,
                                                           seed=config.seed)
-    threshold = loo_threshold(signatures, config.threshold_k)
+    threshold = loo_threshold(signatures, config.threshold_k, case_groups(case_ids))
     log.info("%d training signatures (%d dims) in %.0f s; OOD threshold %.4f", len(signatures), signatures.shape[1],
              time.perf_counter() - t0, threshold)
     n_train = {s.name: len(splits[s.name]["train"]) for s in specs}
@@ -330,7 +330,7 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
         "label_mode": config.label_mode,
         "calibration": {"temperature": temperature, "fitted_on": "validation split", "val_nll": val_nll},
         "ood": {"detector": "spectral", "layers": list(config.ood_layers), "spectrum_length": config.spectrum_length,
-                "threshold": threshold, "threshold_rule": f"mean + {config.threshold_k}·std of leave-one-out "
+                "threshold": threshold, "threshold_rule": f"mean + {config.threshold_k}·std of leave-one-case-out "
                 "nearest-neighbour distances among training signatures",
                 "signature": "log singular values of the (voxels × channels) feature matrix / sqrt(voxels), L2-normalised",
                 "signature_augmentations": config.signature_augmentations},

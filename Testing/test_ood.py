@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MultiTaskSegLib.ood import (SpectralDetector, loo_threshold, nearest_neighbour_distances,
+from MultiTaskSegLib.ood import (SpectralDetector, case_groups, loo_threshold, nearest_neighbour_distances,
                                  signature_from_features, signature_from_grams, signature_from_singular_values,
                                  singular_values_from_gram)
 
@@ -97,3 +97,12 @@ def test_foreign_volumes_are_far_from_phantom_signatures(untrained_bundle):
     noise = predictor.predict(phantoms.noise_volume(size, spacing))
     assert checker.ood.score > held_out.ood.score and noise.ood.score > held_out.ood.score
     assert checker.ood.is_ood and noise.ood.is_ood
+
+
+def test_loo_threshold_leaves_out_every_variant_of_a_case():
+    # two cases, each with an augmented variant right next to it
+    sigs = np.array([[0.0, 0.0], [0.0, 0.1], [3.0, 0.0], [3.0, 0.1]])
+    ids = ["a", "a#aug1", "b", "b#aug1"]
+    # per-signature LOO finds the twin (0.1 away); per-case LOO must look across cases (3.0 away)
+    assert loo_threshold(sigs, k_std=0.0) == pytest.approx(0.1)
+    assert loo_threshold(sigs, k_std=0.0, groups=case_groups(ids)) == pytest.approx(3.0)

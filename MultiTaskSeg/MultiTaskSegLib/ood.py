@@ -54,11 +54,31 @@ def nearest_neighbour_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool
     return d[np.arange(len(a)), idx], idx
 
 
-def loo_threshold(signatures: np.ndarray, k_std: float = 2.5) -> float:
-    """mean + k·std of the leave-one-out nearest-neighbour distances among training signatures."""
-    if len(signatures) < 2:
-        raise ValueError("at least two training signatures are needed to set a threshold")
-    d, _ = nearest_neighbour_distances(signatures, signatures, exclude_self=True)
+def case_groups(case_ids: Sequence[str]) -> np.ndarray:
+    """Augmented variants (``case#augK``) belong to their case."""
+    return np.asarray([str(c).split("#")[0] for c in case_ids])
+
+
+def loo_distances(signatures: np.ndarray, groups: Sequence[str] | None = None) -> np.ndarray:
+    """Leave-one-out nearest-neighbour distance of every training signature.
+
+    With ``groups``, all signatures of the same case are left out together: otherwise a case's
+    nearest neighbour would be its own augmented variant, and the threshold far too tight.
+    """
+    d = np.sqrt(np.maximum(((signatures[:, None, :] - signatures[None, :, :]) ** 2).sum(-1), 0.0))
+    same = np.eye(len(signatures), dtype=bool)
+    if groups is not None:
+        g = np.asarray(groups)
+        same |= g[:, None] == g[None, :]
+    d[same] = np.inf
+    return d.min(1)
+
+
+def loo_threshold(signatures: np.ndarray, k_std: float = 2.5, groups: Sequence[str] | None = None) -> float:
+    """mean + k·std of the leave-one-(case-)out nearest-neighbour distances among training signatures."""
+    if len(signatures) < 2 or (groups is not None and len(set(groups)) < 2):
+        raise ValueError("at least two training cases are needed to set a threshold")
+    d = loo_distances(signatures, groups)
     return float(d.mean() + k_std * d.std())
 
 
