@@ -38,6 +38,7 @@ class TrainConfig:
     ood_layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])
     spectrum_length: int | None = None
     signature_augmentations: int = 2  # extra training signatures per case (random crop + intensity)
+    signature_max_cases: int | None = None  # per context; None = every training case (cheaper runs may cap it)
     threshold_k: float = 2.5
     restrict_to_context: bool = True
     context_source: str = "head"  # head | signature

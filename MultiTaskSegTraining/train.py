@@ -306,7 +306,11 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
     log.info("temperature %.3f fitted on %d validation cases (NLL %s) in %.0f s", temperature, len(cases["val"]),
              val_nll, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    signatures, context_index, case_ids = case_signatures(model, cases["train"], window, dev, config.ood_layers,
+    signature_cases = cases["train"]
+    if config.signature_max_cases:
+        signature_cases = [c for d in range(len(specs))
+                           for c in [c for c in cases["train"] if c.dataset == d][:config.signature_max_cases]]
+    signatures, context_index, case_ids = case_signatures(model, signature_cases, window, dev, config.ood_layers,
                                                           config.spectrum_length, config.signature_augmentations,
                                                           seed=config.seed)
     threshold = loo_threshold(signatures, config.threshold_k, case_groups(case_ids))
