@@ -59,7 +59,10 @@ def main() -> None:
             run(cmd, log)
         if args.stage in ("evaluate", "all") and not name.startswith("pretrain") \
                 and not (args.out / f"{name}_eval" / "metrics.json").exists():
-            run(MTSEG + ["evaluate", "--bundle", bundle, "--data", *data, "--output-dir", args.out / f"{name}_eval"], log)
+            # segmentation and calibration only: the OOD comparison is made on the shipped model
+            run(MTSEG + ["evaluate", "--bundle", bundle, "--data", *data, "--output-dir", args.out / f"{name}_eval",
+                         "--mc-dropout", "0", "--size-control-cases", "0", "--max-train-cases", "2",
+                         "--threads", "1", "--quiet"], log)
 
 
 if __name__ == "__main__":
