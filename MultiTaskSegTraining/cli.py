@@ -30,12 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=evaluate_cmd.run)
     except ImportError as exc:
         _missing(sub, "evaluate", exc)
+    try:
+        from . import bench_cmd
+        p = sub.add_parser("bench", help="benchmark predict and training; sliding window against MONAI (writes BENCHMARKS.md)")
+        bench_cmd.add_arguments(p)
+        p.set_defaults(run=bench_cmd.run)
+    except ImportError as exc:
+        _missing(sub, "bench", exc, "bench")
     return parser
 
 
-def _missing(sub, name: str, exc: ImportError) -> None:
+def _missing(sub, name: str, exc: ImportError, extra: str = "train") -> None:
     p = sub.add_parser(name, help=f"(unavailable: {exc.name} is not installed)")
-    p.set_defaults(run=lambda args: _fail(f"'mtseg {name}' needs {exc.name}: pip install 'multitaskseg[train]'"))
+    p.set_defaults(run=lambda args: _fail(f"'mtseg {name}' needs {exc.name}: pip install 'multitaskseg[{extra}]'"))
 
 
 def _fail(message: str) -> int:

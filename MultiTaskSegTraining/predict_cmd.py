@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restrict-to-context", dest="restrict", action="store_true", default=None,
                    help="keep only the structures of the recognised context (default: the bundle's setting)")
     p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 arithmetic on CPU: about 2× faster on CPUs with AMX/AVX512-BF16, outputs differ "
+                        "slightly from the default full precision (see BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--png", action="store_true", help="also write <case>_overlay.png: a slice with both overlays")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             raise MultiTaskSegError(f"{existing[0]} already exists ({len(existing)} output file(s) in total); "
                                     "choose another --output-dir or pass --overwrite")
     predictor = Predictor(bundle, args.device)
-    options = PredictOptions(args.device, args.tta, args.mc_dropout, args.modality, args.restrict)
+    options = PredictOptions(args.device, args.tta, args.mc_dropout, args.modality, args.restrict,
+                             cpu_bf16=args.cpu_bf16)
     failures = []
     for i, (case, path) in enumerate(cases):
         bar = StageBar(f"[{i + 1}/{len(cases)}] {case}", disable=args.quiet)

@@ -30,6 +30,7 @@ class PredictOptions:
     mc_dropout: int = 0  # number of MC-dropout passes (0 = off)
     modality: str | None = None  # 'CT' / 'MR' to override detection
     restrict_to_context: bool | None = None  # None = the bundle's default
+    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU: ~2× faster where AMX/AVX512-BF16 exist, slightly different outputs
 
 
 @dataclass
@@ -93,9 +94,11 @@ class Predictor:
         timings["preprocess"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        window = WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta)
+        window = WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
+                              options.cpu_bf16)
         result = sliding_window(self.model, pre.array, window, self.device, self.detector.layers, report)
         timings["inference"] = time.perf_counter() - t
+        timings["ood_gram"] = result.gram_s  # part of "inference": the OOD signature's Gram accumulation
 
         t = time.perf_counter()
         signature = self.detector.signature(result.gram)
@@ -130,7 +133,7 @@ class Predictor:
 
         t = time.perf_counter()
         report("resample", 0.0)
-        labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image)
+        labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image, timings)
         timings["resample"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0
@@ -154,7 +157,7 @@ class Predictor:
 
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
-                       reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+                       reference: sitk.Image, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Argmax of linearly resampled probabilities on the input grid, one class at a time.
 
         A class whose probability never reaches 1/C on the canonical grid cannot win the
@@ -175,8 +178,11 @@ class Predictor:
                 win = p > best
                 labels[win] = c
                 np.maximum(best, p, out=best)
+        t = time.perf_counter()
         uncertainty = grid_to_input(entropy.numpy().astype(np.float32), grid, reference)
         np.clip(uncertainty, 0.0, 1.0, out=uncertainty)
+        if timings is not None:
+            timings["resample_uncertainty"] = time.perf_counter() - t  # part of "resample"
         return labels, uncertainty.astype(np.float32, copy=False)
 
 
