@@ -226,6 +226,11 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     log.info("training %s on %s: %d train / %d val cases, %d outputs, %d steps, batch %d×%d, device %s",
              "+".join(s.name for s in specs), dev, len(cases["train"]), len(cases["val"]), len(space.names),
              config.steps, config.batch_size, ddp.world, dev)
+    def state_dict() -> dict:  # everything --resume needs to continue the same run
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
+                "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
+                "aug_rng": json.dumps(aug_rng.bit_generator.state), "torch_rng": torch.get_rng_state()}
+
     while True:
         progress = step / config.steps
         if budget_s:
@@ -270,10 +275,7 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
                      np.mean(losses[-25:]), lr_at(config, progress), rate, 100 * data_time / (now - t_last))
             t_last, data_time = now, 0.0
         if ddp.main and step % config.checkpoint_every == 0:
-            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                         "elapsed": elapsed, "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
-                                         "aug_rng": json.dumps(aug_rng.bit_generator.state),
-                                         "torch_rng": torch.get_rng_state()})
+            _save_checkpoint(ckpt_path, state_dict())
     if bar is not None:
         bar.close()
     if save_replicas:
@@ -283,10 +285,7 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     if ddp.world > 1:
         dist.barrier()
     if ddp.main:
-        _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                     "elapsed": elapsed, "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
-                                     "aug_rng": json.dumps(aug_rng.bit_generator.state),
-                                     "torch_rng": torch.get_rng_state()})
+        _save_checkpoint(ckpt_path, state_dict())
         log.info("training done: %d steps in %.1f min; finalising the bundle", step, elapsed / 60)
         finalise(config, model.eval(), specs, splits, pre, space, cases, output, dev, step, elapsed)
     if ddp.world > 1:
