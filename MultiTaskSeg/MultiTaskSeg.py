@@ -455,7 +455,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         packaging = getattr(slicer, "packaging", None)
         if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+: check, ask, install
             return packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS)), requester="MultiTaskSeg") is not False
-        missing = [line.strip() for line in REQUIREMENTS.read_text().splitlines()
+        missing = [line.strip() for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines()
                    if line.strip() and not line.startswith("#") and not _importable(line)]
         if not missing:
             return True

@@ -228,7 +228,7 @@ def run_case_worker(spec: dict) -> dict:
         t = time.perf_counter()
         write_volume(prediction.uncertainty, out / "uncertainty.nii.gz")
         t_unc = time.perf_counter() - t
-        (out / "report.json").write_text(json.dumps(prediction.report(), indent=2))
+        (out / "report.json").write_text(json.dumps(prediction.report(), indent=2), encoding="utf-8")
         total = time.perf_counter() - t0
         stages = {"load": t_load, **{k: float(v) for k, v in prediction.timings_s.items() if k != "total"},
                   "write_seg": t_seg, "write_uncertainty": t_unc, "total": total}
@@ -374,16 +374,16 @@ def run_training_worker(spec: dict) -> dict:
 
 
 def _worker_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     result = run_training_worker(spec) if spec["kind"] == "train" else run_case_worker(spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+    Path(spec["result"]).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
 
 def _spawn(spec: dict, work: Path, tag: str) -> dict:
     spec_path = work / f"spec_{tag}.json"
     spec["result"] = str(work / f"result_{tag}.json")
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
     cmd = [sys.executable, "-m", "MultiTaskSegTraining.cli", "bench", "--worker", str(spec_path)]
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[1]
@@ -392,7 +392,7 @@ def _spawn(spec: dict, work: Path, tag: str) -> dict:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"name": spec.get("name", tag), "error": "\n".join(tail)}
-    return json.loads(Path(spec["result"]).read_text())
+    return json.loads(Path(spec["result"]).read_text(encoding="utf-8"))
 
 
 # --- summary and report ---------------------------------------------------------------------
@@ -439,7 +439,7 @@ def machine_info() -> dict:
 
     cpu = platform.processor() or ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -465,7 +465,7 @@ def machine_info() -> dict:
     except ImportError:
         pass
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     except OSError:
         pass
@@ -645,7 +645,7 @@ def _train_log_summary() -> dict | None:
     if not path.is_file():
         return None
     rates, data = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if "patches/s data" in line:
             parts = line.split()
             try:
@@ -663,8 +663,8 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         return _worker_main(args.worker)
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-        Path(args.output).write_text(render_markdown(report))
+        report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        Path(args.output).write_text(render_markdown(report), encoding="utf-8")
         print(f"bench: rendered {args.output} from {args.from_json}", file=sys.stderr)
         return 0
     try:
@@ -745,8 +745,8 @@ def run(args: argparse.Namespace) -> int:
         report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
-    output.write_text(render_markdown(report))
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    output.write_text(render_markdown(report), encoding="utf-8")
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print(f"bench: wrote {output} and {output.with_suffix('.json')} in {report['wall_s'] / 60:.1f} min", file=sys.stderr)
     return 0
 

@@ -53,7 +53,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise MultiTaskSegError(f"{path}: config file not found")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml
             raw = yaml.safe_load(text) or {}

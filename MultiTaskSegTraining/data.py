@@ -69,7 +69,7 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     if not meta_path.is_file():
         raise DatasetError(f"{root}: not an MSD dataset (no dataset.json)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{meta_path}: invalid JSON ({exc})") from None
     for key in ("labels", "training"):

@@ -700,7 +700,7 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     metrics = json_clean(metrics)
     tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
     os.replace(tmp, out / "metrics.json")
     _log(f"wrote {out / 'metrics.json'} and {len(metrics['plots'])} plot(s) in {metrics['seconds'] / 60:.1f} min",
          quiet)

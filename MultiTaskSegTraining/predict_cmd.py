@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             report["input"] = str(path)
             report["bundle"] = str(bundle.path)
             tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
-            tmp.write_text(json.dumps(report, indent=2))
+            tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
             os.replace(tmp, paths["report"])
             if args.png:
                 from .snapshot import write_overlay_png

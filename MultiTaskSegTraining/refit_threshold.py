@@ -27,7 +27,7 @@ def refit(path: Path, k_std: float = 2.5) -> float:
     ood["threshold_rule"] = f"mean + {k_std}·std of leave-one-case-out nearest-neighbour distances among training signatures"
     meta["ood"] = ood
     tmp = path / f".{META_FILE}.partial"
-    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, path / META_FILE)
     return threshold
 

@@ -94,11 +94,11 @@ def prepare_data(config: TrainConfig, work: Path, main: bool = True):
     split_path = work / "split.json"
     splits = {s.name: split_cases(s, config.seed, config.test_fraction, config.val_fraction) for s in specs}
     if split_path.exists():
-        previous = json.loads(split_path.read_text())
+        previous = json.loads(split_path.read_text(encoding="utf-8"))
         if previous != splits:
             raise MultiTaskSegError(f"{split_path} differs from the split this config gives; use a new output")
     elif main:
-        split_path.write_text(json.dumps(splits, indent=2))
+        split_path.write_text(json.dumps(splits, indent=2), encoding="utf-8")
     pre = PreprocessingConfig(tuple(config.target_spacing))
     cache = Path(config.cache_dir or Path.home() / ".cache" / "multitaskseg" / "preprocessed")
     cases: dict[str, list[CachedCase]] = {"train": [], "val": [], "test": []}
@@ -189,7 +189,7 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     space = build_label_space(specs, config.label_mode, config.merge_same_names)
     for part in cases.values():
         _global_labels(part, space)
-    (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2)) if ddp.main else None
+    (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8") if ddp.main else None
 
     torch.manual_seed(config.seed)
     model = build_model(config, space, len(specs)).to(dev)

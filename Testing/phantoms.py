@@ -300,7 +300,7 @@ def make_msd_dataset(root: str | Path, name: str, modality: str = "CT", n_cases:
             "reference": "Testing/phantoms.py", "licence": "CC0 (synthetic)", "tensorImageSize": "3D",
             "modality": {"0": modality}, "labels": {"0": "background", **{str(v): n for v, n in enumerate(labels, 1)}},
             "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
 
 

@@ -19,7 +19,7 @@ def test_bench_smoke(tmp_path, untrained_bundle):
                                       "--repeats", "1", "--real-cases", "0", "--train-steps", "1",
                                       "--output", str(out), "--work-dir", str(tmp_path / "work")])
     assert args.run(args) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert set(report) >= {"machine", "cases", "training", "targets", "command"}
     assert report["machine"]["torch"] and report["machine"]["logical_cores"]
     assert len(report["cases"]) == 1
@@ -39,7 +39,7 @@ def test_bench_smoke(tmp_path, untrained_bundle):
     training = report["training"]
     assert "error" not in training, training.get("error")
     assert training["patches_per_s"] > 0 and 0.0 <= training["data_fraction"] <= 1.0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     for heading in ("## Machine and versions", "## Command", "## End-to-end", "## Training throughput", "## Targets"):
         assert heading in text
     assert "mtseg bench" in text

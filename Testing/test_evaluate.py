@@ -145,10 +145,10 @@ def test_evaluate_end_to_end(trained):
             "--output-dir", str(out), "--mc-dropout", "1", "--mc-dropout-cases", "1", "--max-train-cases", "2",
             "--cache-dir", str(root / "cache"), "-q"]
     assert main(argv) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "NaN" not in (out / "metrics.json").read_text()
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert "NaN" not in (out / "metrics.json").read_text(encoding="utf-8")
     assert metrics["split"] == "test"
-    meta = json.loads((bundle / "bundle.json").read_text())
+    meta = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
     assert set(metrics["contexts"]) == {"AbdomenPhantomCT", "HeartPhantomMR"}
     for name, ctx in metrics["contexts"].items():
         test_ids = meta["training"]["split"][name]["test"]
@@ -218,14 +218,14 @@ def test_evaluate_refuses_mismatched_case_ids(trained, tmp_path, capsys):
     root, data, bundle, _ = trained
     # same dataset name, other cases: the bundle's split cannot be found in it
     fake = make_msd_dataset(tmp_path / "x", "AbdomenPhantomCT", "CT", n_cases=2)
-    meta = json.loads((fake / "dataset.json").read_text())
+    meta = json.loads((fake / "dataset.json").read_text(encoding="utf-8"))
     for e in meta["training"]:
         for k in ("image", "label"):
             src = fake / e[k]
             dst = src.with_name("renamed_" + src.name)
             src.rename(dst)
             e[k] = "./" + str(dst.relative_to(fake))
-    (fake / "dataset.json").write_text(json.dumps(meta))
+    (fake / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     code = main(["evaluate", "--bundle", str(bundle), "--data", str(fake), "--output-dir", str(tmp_path / "o"), "-q"])
     assert code != 0
     assert "case id(s) of the bundle's split" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predicto
                "--device", "cpu", "--quiet"])
     assert rc == 0
     cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "patient1_seg.nii.gz")))
-    report = json.loads((tmp_path / "out" / "patient1.json").read_text())
+    report = json.loads((tmp_path / "out" / "patient1.json").read_text(encoding="utf-8"))
 
     outputs, prediction = adapter.segment_volume_node(scene, node, predictor, CPU)
     seg_node = outputs.segmentation

@@ -54,7 +54,7 @@ def check_outputs(out: Path, case: str, reference: sitk.Image, bundle: Bundle) -
     s, u = sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(unc)
     assert set(np.unique(s).tolist()) <= {0, *bundle.label_names}
     assert np.isfinite(u).all() and u.min() >= 0.0 and u.max() <= 1.0
-    report = json.loads(rep_path.read_text())
+    report = json.loads(rep_path.read_text(encoding="utf-8"))
     assert REPORT_KEYS <= set(report), REPORT_KEYS - set(report)
     assert OOD_KEYS <= set(report["ood"]), OOD_KEYS - set(report["ood"])
     assert isinstance(report["ood"]["is_ood"], bool)
@@ -187,9 +187,9 @@ def _broken_bundle(untrained_bundle, tmp_path, how):
         data[len(data) // 2] ^= 0x10
         (b / "model.safetensors").write_bytes(bytes(data))
     else:
-        meta = json.loads((b / "bundle.json").read_text())
+        meta = json.loads((b / "bundle.json").read_text(encoding="utf-8"))
         meta["format_version"] = 99
-        (b / "bundle.json").write_text(json.dumps(meta))
+        (b / "bundle.json").write_text(json.dumps(meta), encoding="utf-8")
     return b
 
 
@@ -210,7 +210,7 @@ def test_folder_with_one_bad_case_processes_the_others(capsys, untrained_bundle,
     phantoms.write(good["a_ct"], folder / "a_ct.nii.gz")
     phantoms.write(good["b_mr"], folder / "b_mr.mha")
     bad = phantoms.write_bad_input("truncated", folder)
-    (folder / "notes.txt").write_text("not a volume, ignored")
+    (folder / "notes.txt").write_text("not a volume, ignored", encoding="utf-8")
     rc, err = predict(capsys, untrained_bundle.path, folder, out=tmp_path / "out")
     assert rc != 0
     assert error_lines(err) == [line for line in err.splitlines() if line.startswith(f"error: {bad}: ")]
@@ -235,11 +235,11 @@ def test_nothing_is_overwritten_without_overwrite(capsys, untrained_bundle, ct_f
     assert len(error_lines(err)) == 1 and "already exists" in err and "--overwrite" in err
     assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(out.iterdir())} == before
     # an unrelated file in the output folder is never touched either
-    (out / "keep.txt").write_text("mine")
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
     rc, err = predict(capsys, untrained_bundle.path, ct_file[0], out=out, extra=["--overwrite"])
     assert rc == 0, err
     assert all(f.stat().st_mtime_ns != before[f][1] for f in files)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
     check_outputs(out, "ct_case", ct_file[1], untrained_bundle)
 
 

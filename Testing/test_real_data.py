@@ -31,7 +31,7 @@ def predictor():
 @pytest.mark.parametrize("name", DATASETS)
 def test_real_datasets_load_and_split_without_leaks(name):
     spec = load_dataset(SHARED_DATA / name)
-    assert len(spec.cases) == json.loads((SHARED_DATA / name / "dataset.json").read_text())["numTraining"]
+    assert len(spec.cases) == json.loads((SHARED_DATA / name / "dataset.json").read_text(encoding="utf-8"))["numTraining"]
     split = split_cases(spec, seed=0)
     groups = {part: {c.group for c in spec.cases if c.case_id in ids} for part, ids in split.items()}
     assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]

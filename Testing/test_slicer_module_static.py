@@ -28,7 +28,7 @@ def ui_widgets() -> dict[str, ET.Element]:
 
 def imported_modules(path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -37,14 +37,14 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_every_ui_name_used_in_python_exists_in_ui():
-    used = set(re.findall(r"self\.ui\.(\w+)", SHELL.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", SHELL.read_text(encoding="utf-8")))
     assert used, "the shell should use widgets from the .ui"
     missing = used - set(ui_widgets())
     assert not missing, f"self.ui names missing from {UI.name}: {sorted(missing)}"
 
 
 def test_bound_widgets_name_real_parameters():
-    tree = ast.parse(SHELL.read_text())
+    tree = ast.parse(SHELL.read_text(encoding="utf-8"))
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiTaskSegParameterNode")
     parameters = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
     bound = {}
@@ -56,7 +56,7 @@ def test_bound_widgets_name_real_parameters():
 
 
 def test_cmake_lists_every_python_file_and_resource():
-    text = CMAKE.read_text().replace("${MODULE_NAME}", "MultiTaskSeg")
+    text = CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "MultiTaskSeg")
     listed = set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, re.M))
     python = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
     resources = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
@@ -71,7 +71,7 @@ def test_cmake_lists_every_python_file_and_resource():
 
 
 def test_top_level_cmake_declares_the_extension():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("project(MultiTaskSeg)", "EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"',
                 "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
                 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer", "add_subdirectory(MultiTaskSeg)",
@@ -101,14 +101,14 @@ def test_adapter_layer_imports_no_qt():
         assert not imported_modules(LIB / name) & {"qt", "ctk"}, name
         # the scene comes in as an argument: no application globals (show_results only probes for the
         # application with getattr, to reset the views when there is one)
-        used = {n.attr for n in ast.walk(ast.parse((LIB / name).read_text()))
+        used = {n.attr for n in ast.walk(ast.parse((LIB / name).read_text(encoding="utf-8")))
                 if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer"}
         assert not used & {"mrmlScene", "app", "modules"}, (name, used & {"mrmlScene", "app", "modules"})
 
 
 def test_training_package_imports_neither_shell_nor_adapter():
     for path in (ROOT / "MultiTaskSegTraining").rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         modules = imported_modules(path)
         assert not modules & {"MultiTaskSeg", "slicer", "qt", "ctk", "vtk"}, path
         assert not re.search(r"\b(mrml_adapter|mrml_selftest)\b", text), path
@@ -116,7 +116,7 @@ def test_training_package_imports_neither_shell_nor_adapter():
 
 def test_shell_imports_torch_lazily():
     """The module must load in a Slicer without torch, to offer installing it."""
-    tree = ast.parse(SHELL.read_text())
+    tree = ast.parse(SHELL.read_text(encoding="utf-8"))
     top = set()
     for node in tree.body:
         if isinstance(node, ast.Import):

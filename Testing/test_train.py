@@ -49,7 +49,7 @@ def test_joint_training_writes_a_bundle_that_predict_uses(trained, datasets, tmp
     case = image.name[:-7]
     seg = sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))
     assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
-    report = json.loads((out / f"{case}.json").read_text())
+    report = json.loads((out / f"{case}.json").read_text(encoding="utf-8"))
     assert set(report["labels"].values()) == {"liver", "spleen", "left ventricle", "myocardium"}
     assert report["ood"]["detector"] == "spectral:enc2+dec0"
 
@@ -71,13 +71,13 @@ def test_split_is_deterministic_patient_level_and_test_cases_are_never_read(trai
 
 def test_acdc_frames_of_one_patient_share_a_split(tmp_path):
     root = make_msd_dataset(tmp_path, "Frames", "MR", n_cases=8)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     for i, entry in enumerate(meta["training"]):  # rename to patientNNN_frame0K pairs
         new = f"patient{i // 2:03d}_frame{i % 2 + 1:02d}.nii.gz"
         for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
             (root / entry[key]).rename(root / sub / new)
             entry[key] = f"./{sub}/{new}"
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     split = split_cases(load_dataset(root), seed=3)
     for part in split.values():
         patients = {c.split("_frame")[0] for c in part}
@@ -96,7 +96,7 @@ def test_resume_continues_from_the_checkpoint(datasets, tmp_path):
     # a longer run resumed from step 4 must start there, not from scratch
     shutil.rmtree(out)
     assert main(common + ["--steps", "8", "--resume"]) == 0
-    log = (work / "train.log").read_text()
+    log = (work / "train.log").read_text(encoding="utf-8")
     assert "resumed from step 4" in log
     assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 8
     # without --resume an existing checkpoint is refused rather than silently overwritten
@@ -129,7 +129,7 @@ def test_partial_label_loss_does_not_push_unannotated_structures_to_background()
 
 
 def _break(root, how):
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     first = root / meta["training"][0]["label"]
     if how == "missing":
         first.unlink()
@@ -145,7 +145,7 @@ def _break(root, how):
         sitk.WriteImage(out, str(first))
     elif how == "empty":
         meta["training"] = []
-        (root / "dataset.json").write_text(json.dumps(meta))
+        (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     elif how == "no-json":
         (root / "dataset.json").unlink()
 

@@ -96,7 +96,7 @@ def test_case_names_and_volume_files(tmp_path):
     assert case_name(tmp_path / "A.B.NRRD") == "A.B"
     assert case_name(tmp_path / "x.mha") == "x"
     (tmp_path / "a.nii.gz").write_bytes(b"")
-    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "notes.txt").write_text("", encoding="utf-8")
     assert is_volume_file(tmp_path / "a.nii.gz") and not is_volume_file(tmp_path / "notes.txt")
 
 

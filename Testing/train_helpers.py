@@ -19,5 +19,5 @@ def tiny_config(path: Path, data: list[Path], **extra) -> Path:
     config = {"data": [str(d) for d in data], "target_spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16],
               "batch_size": 2, "widths": [4, 8, 16], "steps": 6, "checkpoint_every": 2, "ood_layers": ["enc2", "dec0"],
               "signature_augmentations": 1, "threads": 1, "warmup_steps": 1, **extra}
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(config), encoding="utf-8")
     return path

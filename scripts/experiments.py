@@ -33,7 +33,7 @@ def arms(data_root: Path) -> list[tuple[str, list[Path], dict]]:
 
 def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(str(c) for c in cmd), flush=True)
-    with open(log, "a") as f:
+    with open(log, "a", encoding="utf-8") as f:
         code = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if code:
         sys.exit(f"failed ({code}); see {log}")

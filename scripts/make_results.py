@@ -21,7 +21,7 @@ DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "Brain
 
 def load(path: Path) -> dict | None:
     f = path / "metrics.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
 
 def fmt(x, digits=3) -> str:
@@ -215,8 +215,8 @@ def main() -> None:
     body = head + comp + calibration_section(args.arms, default) + ood_section(default) + default_section(default)
     notes = Path(__file__).with_name("results_notes.md")
     if notes.exists():
-        body += [notes.read_text()]
-    args.out.write_text("\n".join(body) + "\n")
+        body += [notes.read_text(encoding="utf-8")]
+    args.out.write_text("\n".join(body) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

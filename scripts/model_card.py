@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--metrics", type=Path, help="folder with metrics.json from mtseg evaluate")
     args = ap.parse_args()
-    meta = json.loads((args.bundle / "bundle.json").read_text())
-    m = json.loads((args.metrics / "metrics.json").read_text()) if args.metrics else None
+    meta = json.loads((args.bundle / "bundle.json").read_text(encoding="utf-8"))
+    m = json.loads((args.metrics / "metrics.json").read_text(encoding="utf-8")) if args.metrics else None
     tr = meta["training"]
     lines = ["# Model card: MultiTaskSeg default joint model", "",
              f"One 3D residual U-Net ({meta['architecture']['widths']} channels, dropout "
@@ -100,7 +100,7 @@ def main() -> None:
         meta["metrics"] = {"test": headline, "ood_auroc": {k: v["auroc"] for k, v in o.items()},
                            "source": "mtseg evaluate (docs/RESULTS.md)"}
         tmp = args.bundle / ".bundle.json.partial"
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
         os.replace(tmp, args.bundle / "bundle.json")
     lines += ["", "## Intended use and limitations", "",
               "- Research and demonstration of joint multi-context segmentation with uncertainty and OOD flags; "
@@ -113,7 +113,7 @@ def main() -> None:
               "- The OOD threshold is global; contexts with few training cases have fewer neighbours and so more "
               "false alarms (see the per-context rate in docs/RESULTS.md).",
               "- Left/right structures rely on correct image orientation in the file header."]
-    (args.bundle / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    (args.bundle / "MODEL_CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.bundle / 'MODEL_CARD.md'}")
 
 

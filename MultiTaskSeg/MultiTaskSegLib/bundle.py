@@ -102,7 +102,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if not meta_path.is_file():
         raise BundleError(f"{path}: not a model bundle ({META_FILE} is missing)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{meta_path}: not valid JSON ({exc})") from None
     version = meta.get("format_version")
@@ -141,6 +141,6 @@ def save_bundle(path: str | os.PathLike, meta: dict, state_dict: dict[str, torch
     meta["format_version"] = FORMAT_VERSION
     meta["files"] = {name: sha256_file(path / name) for name in (MODEL_FILE, SIGNATURES_FILE)}
     tmp = path / f".{META_FILE}.partial"
-    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, path / META_FILE)
     return load_bundle(path)
