@@ -100,6 +100,73 @@ class WindowResult:
     gram_s: float = 0.0  # seconds spent accumulating the Gram matrices (the OOD signature's share)
 
 
+def _forward_batch(model: torch.nn.Module, x: torch.Tensor, gauss_share: torch.Tensor | None, taps: Sequence[str],
+                   config: WindowConfig, device: torch.device) -> tuple:
+    """One batch of windows: blended-flip logits, the batch's Gram contributions and context logits."""
+    grams, weights, context, gram_s = {}, {}, None, 0.0
+    flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
+    out = None
+    with torch.inference_mode():  # thread-local: worker threads need it too
+        for flip in flips:
+            xin = torch.flip(x, flip) if flip else x
+            with autocast_context(device, config.cpu_bf16):
+                y, feats = model(xin, taps=taps if not flip else ())
+            y = y.float()
+            y = torch.flip(y, flip) if flip else y
+            out = y if out is None else out + y
+            if not flip:
+                t_gram = time.perf_counter()
+                for name in taps:
+                    f = feats[name].float()
+                    g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
+                    fm = f.flatten(2)  # (B, C, V)
+                    grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
+                    weights[name] = g.sum()
+                gram_s += time.perf_counter() - t_gram
+                if "context" in feats:
+                    context = feats["context"].float().sum(0)
+        return out / len(flips), grams, weights, context, gram_s
+
+
+def _window_workers(device: torch.device, n_batches: int) -> int:
+    """On CPU, windows run in parallel with one intra-op thread each: small 3D convolutions scale
+    much better across windows than across threads within one convolution (BENCHMARKS.md)."""
+    if device.type != "cpu" or n_batches < 2:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_batches))
+
+
+@contextlib.contextmanager
+def _single_threaded_ops(enabled: bool):
+    if not enabled:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _ordered_map(fn: Callable, items: list, workers: int):
+    """map() in order with at most 2·workers results in flight (bounded memory on big volumes)."""
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _pad_to(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
     pads = [max(p - s, 0) for s, p in zip(array.shape, patch)]
     if not any(pads):
@@ -137,39 +204,29 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
     gram_weight: dict[str, torch.Tensor] = {}
     context_sum = None
     gram_s = 0.0
-    flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
-    for b0 in range(0, len(starts), config.batch_size):
-        batch_starts = starts[b0:b0 + config.batch_size]
+    batches = [starts[b0:b0 + config.batch_size] for b0 in range(0, len(starts), config.batch_size)]
+
+    def run(batch_starts: list) -> tuple:
         slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in batch_starts]
         x = torch.stack([image[sl] for sl in slices])[:, None]
-        if taps:
-            gauss_share = torch.stack([gauss * share[sl] for sl in slices])[:, None]  # (B, 1, *patch)
-        out = None
-        for flip in flips:
-            xin = torch.flip(x, flip) if flip else x
-            with autocast_context(device, config.cpu_bf16):
-                y, feats = model(xin, taps=taps if not flip else ())
-            y = y.float()
-            y = torch.flip(y, flip) if flip else y
-            out = y if out is None else out + y
-            if not flip:
-                t_gram = time.perf_counter()
-                for name in taps:
-                    f = feats[name].float()
-                    g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
-                    fm = f.flatten(2)  # (B, C, V)
-                    gm = (fm * g[:, None]) @ fm.transpose(1, 2)
-                    grams[name] = grams.get(name, 0) + gm.sum(0)
-                    gram_weight[name] = gram_weight.get(name, 0) + g.sum()
-                gram_s += time.perf_counter() - t_gram
-                if "context" in feats:
-                    c = feats["context"].float().sum(0)
-                    context_sum = c if context_sum is None else context_sum + c
-        out = out / len(flips)
-        for k, sl in enumerate(slices):
-            logits[(slice(None), *sl)] += out[k] * gauss
-        if progress is not None:
-            progress(stage, min(1.0, (b0 + len(batch_starts)) / len(starts)))
+        gs = torch.stack([gauss * share[sl] for sl in slices])[:, None] if taps else None  # (B, 1, *patch)
+        return (slices, *_forward_batch(model, x, gs, taps, config, device))
+
+    workers = _window_workers(device, len(batches))
+    done = 0
+    with _single_threaded_ops(workers > 1):
+        for slices, out, batch_grams, batch_weights, context, seconds in _ordered_map(run, batches, workers):
+            for name in batch_grams:
+                grams[name] = grams.get(name, 0) + batch_grams[name]
+                gram_weight[name] = gram_weight.get(name, 0) + batch_weights[name]
+            if context is not None:
+                context_sum = context if context_sum is None else context_sum + context
+            gram_s += seconds
+            for k, sl in enumerate(slices):
+                logits[(slice(None), *sl)] += out[k] * gauss
+            done += len(slices)
+            if progress is not None:
+                progress(stage, min(1.0, done / len(starts)))
     logits /= weight
     logits = logits[(slice(None), *crop)].float().cpu()
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
