@@ -57,6 +57,9 @@ def main() -> None:
             if "init" in extra:
                 cmd += ["--init-bundle", args.out / extra["init"], "--finetune", "all"]
             run(cmd, log)
+        if args.stage in ("evaluate", "all") and not (bundle / "bundle.json").exists():
+            print(f"{name}: not trained yet, skipped", flush=True)
+            continue
         if args.stage in ("evaluate", "all") and not name.startswith("pretrain") \
                 and not (args.out / f"{name}_eval" / "metrics.json").exists():
             # segmentation and calibration only: the OOD comparison is made on the shipped model
