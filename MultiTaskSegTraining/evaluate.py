@@ -60,7 +60,7 @@ from MultiTaskSegLib.network import enable_mc_dropout
 from MultiTaskSegLib.ood import nearest_neighbour_distances, signature_from_grams
 from MultiTaskSegLib.predictor import Predictor
 from MultiTaskSegLib.preprocessing import preprocess, resample_label_to_grid
-from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_to_classes, softmax_with_temperature
+from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
 from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume
 
 from .data import Case, DatasetSpec, load_dataset, preprocess_case
@@ -525,8 +525,7 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
         # segmentation on the input grid, without and with restriction to the recognised context
         entropy = normalised_entropy(probs_t)
         labels, _ = Predictor._to_input_grid(probs_t, entropy, p.pre.grid, image)
-        restricted, _ = Predictor._to_input_grid(restrict_to_classes(probs_t, context_labels[recognised]),
-                                                 entropy, p.pre.grid, image)
+        restricted = restrict_labels(labels.copy(), context_labels[recognised])
         del probs_t, entropy
         gt = ds.lut[sitk.GetArrayFromImage(label_image)]
         spacing = image.GetSpacing()[::-1]

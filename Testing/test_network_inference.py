@@ -12,7 +12,7 @@ from MultiTaskSegLib.inference import (WindowConfig, autocast_context, gaussian_
 from MultiTaskSegLib.network import NetworkConfig, enable_mc_dropout
 from MultiTaskSegLib.ood import signature_from_grams
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
-from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_to_classes, softmax_with_temperature
+from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
 
 CPU = torch.device("cpu")
 
@@ -223,14 +223,14 @@ def test_normalised_entropy_range_uniform_and_certain():
     assert float(normalised_entropy(p, n_classes=2)[0]) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_temperature_softens_and_restriction_renormalises():
+def test_temperature_softens_and_restriction_drops_other_contexts_labels():
     logits = torch.tensor([2.0, 0.0, -1.0])[:, None]
     p1 = softmax_with_temperature(logits, 1.0)
     p3 = softmax_with_temperature(logits, 3.0)
     assert float(p3.max()) < float(p1.max())
     np.testing.assert_allclose(p3.sum(0).numpy(), 1.0, rtol=1e-6)
-    probs = torch.tensor([0.2, 0.3, 0.5])[:, None]
-    np.testing.assert_allclose(restrict_to_classes(probs, [1]).numpy()[:, 0], [0.4, 0.6, 0.0], rtol=1e-6)
+    labels = np.array([0, 1, 2, 3, 2, 1], dtype=np.uint8)
+    np.testing.assert_array_equal(restrict_labels(labels, [1, 3]), [0, 1, 0, 3, 0, 1])
 
 
 def test_mc_dropout_is_stochastic_and_eval_mode_deterministic(model):

@@ -19,7 +19,7 @@ from .inference import ProgressCallback, WindowConfig, select_device, sliding_wi
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .preprocessing import grid_to_input, preprocess
-from .uncertainty import normalised_entropy, restrict_to_classes, softmax_with_temperature
+from .uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import validate_volume
 
 
@@ -123,17 +123,14 @@ class Predictor:
         restrict = options.restrict_to_context
         if restrict is None:
             restrict = bool(self.inference_meta.get("restrict_to_context", False))
-        n_classes = probs.shape[0]
-        if restrict:
-            allowed = self.context_labels[context_index]
-            probs = restrict_to_classes(probs, allowed)
-            n_classes = len(allowed) + 1
-        entropy = normalised_entropy(probs, n_classes=n_classes)
+        entropy = normalised_entropy(probs)
         timings["uncertainty"] = time.perf_counter() - t
 
         t = time.perf_counter()
         report("resample", 0.0)
         labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image, timings)
+        if restrict:
+            restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0

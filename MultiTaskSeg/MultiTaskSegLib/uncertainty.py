@@ -19,14 +19,16 @@ def normalised_entropy(probs: torch.Tensor, dim: int = 0, n_classes: int | None 
     return (h / np.log(n)).clamp_(0.0, 1.0)
 
 
-def restrict_to_classes(probs: torch.Tensor, allowed: list[int]) -> torch.Tensor:
-    """Zero the classes outside ``allowed`` (background always allowed) and renormalise.
+def restrict_labels(labels: np.ndarray, allowed: list[int]) -> np.ndarray:
+    """Labels outside the recognised context's structures become background (in place).
 
-    Renormalising (rather than moving the mass to background) lets a voxel that the joint
-    model confused with another context's structure fall back on this context's structures.
+    The label map is the full argmax first: a voxel keeps a structure of this context only if
+    that structure beats every other output. Both alternatives measured worse on real cases:
+    renormalising the probabilities over the allowed classes turned the mass of other contexts'
+    structures into false positives, and moving that mass to background erased true ones.
     """
-    mask = torch.zeros(probs.shape[0], dtype=probs.dtype)
-    mask[list(allowed)] = 1.0
-    mask[0] = 1.0
-    out = probs * mask.view(-1, *([1] * (probs.dim() - 1)))
-    return out / out.sum(0, keepdim=True).clamp_min(1e-12)
+    keep = np.zeros(max(int(labels.max()), max(allowed, default=0)) + 1, dtype=bool)
+    keep[list(allowed)] = True
+    keep[0] = True
+    labels[~keep[labels]] = 0
+    return labels
