@@ -312,8 +312,12 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
     signatures, context_index, case_ids = case_signatures(model, signature_cases, window, dev, config.ood_layers,
                                                           config.spectrum_length, config.signature_augmentations,
                                                           seed=config.seed)
-    threshold = loo_threshold(signatures, config.threshold_k, case_groups(case_ids))
-    log.info("%d training signatures (%d dims) in %.0f s; OOD threshold %.4f", len(signatures), signatures.shape[1],
+    try:
+        threshold = loo_threshold(signatures, config.threshold_k, case_groups(case_ids))
+    except ValueError:  # one training case: no leave-one-out distance exists
+        threshold = None
+        log.warning("only one training case: the OOD threshold cannot be set; scores are reported unflagged")
+    log.info("%d training signatures (%d dims) in %.0f s; OOD threshold %s", len(signatures), signatures.shape[1],
              time.perf_counter() - t0, threshold)
     n_train = {s.name: len(splits[s.name]["train"]) for s in specs}
     labels = []

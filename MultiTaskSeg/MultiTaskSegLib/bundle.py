@@ -6,6 +6,7 @@ No pickle anywhere: weights are safetensors, signatures an .npz read with
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Bundle:
             return SpectralDetector(signatures=data["signatures"], context_index=data["context_index"],
                                     case_ids=data["case_ids"], context_names=self.context_names,
                                     layers=list(ood["layers"]), spectrum_length=ood.get("spectrum_length"),
-                                    threshold=float(ood["threshold"]))
+                                    threshold=math.inf if ood["threshold"] is None else float(ood["threshold"]))
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:

@@ -92,7 +92,8 @@ class OODResult:
     detector: str
 
     def to_dict(self) -> dict:
-        return {"score": self.score, "threshold": self.threshold, "is_ood": self.is_ood,
+        threshold = self.threshold if np.isfinite(self.threshold) else None  # None: no threshold could be set
+        return {"score": self.score, "threshold": threshold, "is_ood": self.is_ood,
                 "nearest_context": self.nearest_context, "nearest_case": self.nearest_case,
                 "detector": self.detector}
 
