@@ -168,7 +168,6 @@ def default_section(m: dict | None) -> list[str]:
 def example_figures(m: dict | None, data: Path, figures: Path) -> None:
     if not m or not data.is_dir():
         return
-    import SimpleITK as sitk
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.predictor import Predictor
     from MultiTaskSegLib.volume_io import read_volume
@@ -185,7 +184,6 @@ def example_figures(m: dict | None, data: Path, figures: Path) -> None:
         p = predictor.predict(image)
         write_overlay_png(image, p.labels, p.uncertainty, colors, p.label_names, figures / f"example_{ctx}.png",
                           f"{ctx} test case {case}: recognised {p.context}, OOD score {p.ood.score:.3f}")
-        del sitk
 
 
 def main() -> None:
