@@ -269,3 +269,13 @@ def test_predictor_mc_dropout_changes_the_uncertainty_only_when_asked(untrained_
     # the OOD score comes from the deterministic pass, so it is unchanged by MC dropout
     assert mc.ood.score == pytest.approx(plain1.ood.score, rel=1e-6)
     assert all(not m.training for m in predictor.model.modules())
+
+
+def test_merging_other_contexts_gives_the_marginal_distribution():
+    from MultiTaskSegLib.uncertainty import merge_other_contexts
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None]  # background, A1, B1, B2
+    merged = merge_other_contexts(probs, [1])
+    np.testing.assert_allclose(merged.numpy()[:, 0], [0.8, 0.2], rtol=1e-6)
+    # certain background + an impossible structure → certain (entropy 0) once merged
+    probs = torch.tensor([0.5, 0.0, 0.5])[:, None]
+    assert float(normalised_entropy(merge_other_contexts(probs, [1]))) == pytest.approx(0.0, abs=1e-6)

@@ -19,7 +19,7 @@ from .inference import ProgressCallback, WindowConfig, select_device, sliding_wi
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .preprocessing import grid_to_input, preprocess
-from .uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
+from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import validate_volume
 
 
@@ -123,7 +123,10 @@ class Predictor:
         restrict = options.restrict_to_context
         if restrict is None:
             restrict = bool(self.inference_meta.get("restrict_to_context", False))
-        entropy = normalised_entropy(probs)
+        if restrict:
+            entropy = normalised_entropy(merge_other_contexts(probs, self.context_labels[context_index]))
+        else:
+            entropy = normalised_entropy(probs)
         timings["uncertainty"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -32,3 +32,17 @@ def restrict_labels(labels: np.ndarray, allowed: list[int]) -> np.ndarray:
     keep[0] = True
     labels[~keep[labels]] = 0
     return labels
+
+
+def merge_other_contexts(probs: torch.Tensor, allowed: list[int]) -> torch.Tensor:
+    """The distribution the marginal loss trains for one context: background + the context's structures.
+
+    The mass of other contexts' structures joins background, as in training (where an image
+    of one context never penalises them), and the temperature is fitted on exactly this
+    distribution. Its entropy is the uncertainty map: without the merge, background would look
+    uncertain merely because its mass is shared with structures this image cannot contain.
+    """
+    keep = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    keep[list(allowed)] = True
+    keep[0] = False
+    return torch.cat([probs[~keep].sum(0, keepdim=True), probs[keep]], dim=0)
