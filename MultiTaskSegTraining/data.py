@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, 
         warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}")
     lab = resample_label_to_grid(label, pre.grid)
     shape_mm = tuple(np.array(image.GetSize()) * np.array(image.GetSpacing()))
-    tmp = path.with_name(path.name + ".partial.npz")
+    # per-process temporary name: data-parallel ranks may preprocess the same case at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
     np.savez(tmp, image=pre.array.astype(np.float16), label=lab, shape_mm=np.array(shape_mm))
     tmp.replace(path)
     return CachedCase(dataset_index, case.case_id, pre.array.astype(np.float16), lab, shape_mm)
