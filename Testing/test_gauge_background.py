@@ -123,3 +123,10 @@ def test_job_reports_errors(tiny_image):
     assert job.wait(30)
     events = job.poll()
     assert [e.kind for e in events] == ["error"] and "no model" in str(events[0].payload)
+
+
+def test_gauge_without_a_threshold_shows_the_score_unflagged():
+    from MultiTaskSegLib.ood_gauge import UNKNOWN, gauge_layout
+    layout = gauge_layout(0.3, float("inf"), "BrainMR")
+    assert layout.state == UNKNOWN and "no OOD threshold" in layout.score_text
+    assert layout.context_text == "resembles: BrainMR"

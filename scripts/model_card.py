@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--metrics", type=Path, help="folder with metrics.json from mtseg evaluate")
+    ap.add_argument("--note", default="", help="a sentence on the training run's history (resumes, changes)")
     args = ap.parse_args()
     meta = json.loads((args.bundle / "bundle.json").read_text(encoding="utf-8"))
     m = json.loads((args.metrics / "metrics.json").read_text(encoding="utf-8")) if args.metrics else None
@@ -63,7 +64,8 @@ def main() -> None:
               "(CE + soft Dice), AdamW with warm-up and cosine decay, datasets sampled ∝ √cases, 50 % foreground "
               "patches, rotation/scaling/intensity/noise/low-resolution augmentation. Split (patient level, "
               "seed 0): " + "; ".join(f"{k} {len(v['train'])}/{len(v['val'])}/{len(v['test'])}"
-                                      for k, v in tr["split"].items()) + " (train/val/test).", "",
+                                      for k, v in tr["split"].items()) + " (train/val/test)." +
+              (f" {args.note}" if args.note else ""), "",
               "## Preprocessing", "",
               f"Resampled to {meta['preprocessing']['target_spacing']} mm on an identity-direction (LPS) grid; CT "
               "(detected from intensities) clipped to [-200, 300] HU, MR clipped to its 0.5–99.5 percentiles, both "

@@ -6,11 +6,13 @@ a threshold marker and two lines of text.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 IN_DISTRIBUTION = "in distribution"
 BORDERLINE = "borderline"
 OUT_OF_DISTRIBUTION = "out of distribution"
+UNKNOWN = "no threshold"
 
 COLORS = {IN_DISTRIBUTION: (76, 175, 80), BORDERLINE: (255, 193, 7), OUT_OF_DISTRIBUTION: (229, 57, 53)}
 
@@ -52,6 +54,11 @@ def gauge_layout(score: float, threshold: float, nearest_context: str = "",
     if not threshold > 0:
         raise ValueError(f"OOD threshold must be positive, got {threshold}")
     score = max(0.0, float(score))
+    context_text = f"resembles: {nearest_context}" if nearest_context else ""
+    if not math.isfinite(threshold):  # a bundle trained on one case has no threshold to compare with
+        grey = Band(0.0, 1.0, UNKNOWN, (158, 158, 158))
+        return GaugeLayout((grey,), 0.5, 1.0, UNKNOWN, f"OOD score {score:.3g} (this model has no OOD threshold)",
+                           context_text)
     scale = max(2.0 * threshold, 1.1 * score)
     border = borderline_fraction * threshold / scale
     thr = threshold / scale
@@ -59,7 +66,6 @@ def gauge_layout(score: float, threshold: float, nearest_context: str = "",
              Band(border, thr, BORDERLINE, COLORS[BORDERLINE]),
              Band(thr, 1.0, OUT_OF_DISTRIBUTION, COLORS[OUT_OF_DISTRIBUTION]))
     state = classify(score, threshold, borderline_fraction)
-    context_text = f"resembles: {nearest_context}" if nearest_context else ""
     return GaugeLayout(bands, min(1.0, score / scale), thr, state,
                        f"OOD score {score:.3g} (threshold {threshold:.3g}): {state}", context_text)
 
