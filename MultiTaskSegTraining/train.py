@@ -189,7 +189,8 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     space = build_label_space(specs, config.label_mode, config.merge_same_names)
     for part in cases.values():
         _global_labels(part, space)
-    (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8") if ddp.main else None
+    if ddp.main:
+        (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
 
     torch.manual_seed(config.seed)
     model = build_model(config, space, len(specs)).to(dev)

@@ -119,17 +119,23 @@ def _structure_layout(n: int, body_r: np.ndarray, half_z: float, rng: np.random.
 
 
 # --- context phantoms ----------------------------------------------------------------------
+def _body(size, spacing, seed, direction, origin, width: float):
+    """Shared set-up of the body phantoms: rng, geometry, voxel coordinates and an elliptic body
+    ``width`` × the half-extent wide (slightly varied by the seed)."""
+    rng = np.random.default_rng(seed)
+    d, o = _geometry(size, spacing, direction, origin)
+    pts = _centred_coordinates(size, spacing, o, d)
+    half = np.asarray(size, dtype=float) * np.asarray(spacing, dtype=float) / 2.0
+    body_r = np.array([width * half[0], 0.75 * half[1], 10 * half[2]]) * rng.uniform(0.95, 1.05, 3)
+    return rng, d, o, pts, half, body_r, _ellipsoid(pts, (0, 0, 0), body_r)
+
+
 def ct_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
                labels: Sequence[str] = DEFAULT_LABELS["CT"], seed: int = 0,
                direction: np.ndarray | None = None, origin: Sequence[float] | None = None,
                noise_hu: float = CT_NOISE_HU) -> tuple[sitk.Image, sitk.Image]:
     """CT-like abdomen: (int16 image in HU, uint8 label with values 1..len(labels))."""
-    rng = np.random.default_rng(seed)
-    d, o = _geometry(size, spacing, direction, origin)
-    pts = _centred_coordinates(size, spacing, o, d)
-    half = np.asarray(size, dtype=float) * np.asarray(spacing, dtype=float) / 2.0
-    body_r = np.array([0.9 * half[0], 0.75 * half[1], 10 * half[2]]) * rng.uniform(0.95, 1.05, 3)
-    body = _ellipsoid(pts, (0, 0, 0), body_r)
+    rng, d, o, pts, half, body_r, body = _body(size, spacing, seed, direction, origin, width=0.9)
     fat_inner = _ellipsoid(pts, (0, 0, 0), body_r * np.array([0.88, 0.85, 1.0]))
     hu = np.full(pts.shape[1:], -1000.0)
     hu[body] = -100.0  # subcutaneous fat
@@ -166,12 +172,7 @@ def mr_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4
     factors in :data:`MR_RELATIVE`; a smooth bias field multiplies everything; noise is
     magnitude (Rician-like) noise of ``noise·scale``, so the background is small but positive.
     """
-    rng = np.random.default_rng(seed)
-    d, o = _geometry(size, spacing, direction, origin)
-    pts = _centred_coordinates(size, spacing, o, d)
-    half = np.asarray(size, dtype=float) * np.asarray(spacing, dtype=float) / 2.0
-    body_r = np.array([0.8 * half[0], 0.75 * half[1], 10 * half[2]]) * rng.uniform(0.95, 1.05, 3)
-    body = _ellipsoid(pts, (0, 0, 0), body_r)
+    rng, d, o, pts, half, body_r, body = _body(size, spacing, seed, direction, origin, width=0.8)
     signal = np.zeros(pts.shape[1:])
     signal[body] = 1.0
     label = np.zeros(pts.shape[1:], np.uint8)

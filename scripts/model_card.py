@@ -76,11 +76,6 @@ def main() -> None:
               f"{meta['ood']['signature']}, layers {meta['ood']['layers']}; score = distance to the nearest of "
               f"{'the'} training signatures (each training case plus {meta['ood'].get('signature_augmentations', 0)} "
               f"crop/contrast variants); threshold {meta['ood']['threshold']:.4f} = {meta['ood']['threshold_rule']}."]
-    if meta["ood"].get("history"):
-        lines += ["", "The threshold was recomputed from the stored signatures after training when the rule was "
-                  "changed from leave-one-signature-out to leave-one-case-out (`python -m "
-                  "MultiTaskSegTraining.refit_threshold`); earlier value(s): " +
-                  ", ".join(f"{h['threshold']:.4f}" for h in meta["ood"]["history"]) + "."]
     if m:
         lines += ["", "## Test-split performance (held-out cases)", "",
                   "| context | structure | Dice | HD95 (mm) | ECE (T=fit) | MCE (T=fit) |", "|---|---|---|---|---|---|"]

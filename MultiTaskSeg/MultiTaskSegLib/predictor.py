@@ -20,7 +20,7 @@ from .network import enable_mc_dropout
 from .ood import OODResult
 from .preprocessing import grid_to_input, preprocess
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
-from .volume_io import validate_volume
+from .volume_io import array_to_image, validate_volume
 
 
 @dataclass
@@ -144,10 +144,7 @@ class Predictor:
         for v in sorted(names):
             if counts[v]:
                 per_label[names[v]] = float(uncertainty[labels == v].mean())
-        label_image = sitk.GetImageFromArray(labels)
-        label_image.CopyInformation(image)
-        unc_image = sitk.GetImageFromArray(uncertainty)
-        unc_image.CopyInformation(image)
+        label_image, unc_image = array_to_image(labels, image), array_to_image(uncertainty, image)
         timings["total"] = time.perf_counter() - t0
         report("done", 1.0)
         return Prediction(label_image, unc_image, ood, self.bundle.context_names[context_index], names, volumes,

@@ -6,7 +6,7 @@ detected from the intensities themselves (CT is in Hounsfield units, with air ne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -97,7 +97,6 @@ class PreprocessedImage:
     array: np.ndarray  # (z, y, x) float32, normalised, on the canonical grid
     grid: sitk.Image  # canonical grid (geometry only)
     modality: str
-    stats: dict = field(default_factory=dict)
 
 
 def preprocess(image: sitk.Image, config: PreprocessingConfig, modality: str | None = None) -> PreprocessedImage:
