@@ -36,6 +36,8 @@ OOD detection (OOD = positive class; in-distribution = the test cases)
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -304,7 +306,8 @@ class Evaluator:
         self.model = self.predictor.model
         self.device = self.predictor.device
         self.detector = self.predictor.detector
-        self.window: WindowConfig = bundle.window
+        # the Mahalanobis baseline's PooledFeatures hook must see every window's forward pass
+        self.window: WindowConfig = dataclasses.replace(bundle.window, reuse_constant_windows=False)
         self.temperature = bundle.temperature
         self.layers = list(self.detector.layers)
         self.bottleneck = self.model.encoders[-1]

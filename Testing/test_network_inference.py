@@ -119,15 +119,14 @@ def test_blend_is_the_gaussian_weighted_average_of_windows():
     z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
     array = (0.01 * x + 0.1 * y + 1.0 * z).astype(np.float32)  # every window has a different mean
     result = sliding_window(_WindowMeanModel(), array, WindowConfig(patch, overlap, 2), CPU)
-    # expectation, computed here: windows start evenly spaced from 0 to size − patch
+    # expectation, computed here: windows every ⌊p·(1 − overlap)⌋ voxels, the last one ending at the border
     num = np.zeros(shape)
     den = np.zeros(shape)
     sig = [p / 8 for p in patch]
     axes = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / s) ** 2) for p, s in zip(patch, sig)]
     g = np.einsum("i,j,k->ijk", *axes)
     g /= g.max()
-    starts = [sorted({int(round(v)) for v in np.linspace(0, n - p, int(np.ceil((n - p) / (p * (1 - overlap)))) + 1)})
-              for n, p in zip(shape, patch)]
+    starts = [sorted({min(k * int(p * (1 - overlap)), n - p) for k in range(n)}) for n, p in zip(shape, patch)]
     n_windows = 0
     for a in starts[0]:
         for b in starts[1]:

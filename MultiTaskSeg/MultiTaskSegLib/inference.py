@@ -30,6 +30,10 @@ class WindowConfig:
     batch_size: int = 2
     tta_flips: bool = False
     cpu_bf16: bool = False  # opt-in bf16 autocast on CPU (AMX/AVX512-BF16): faster, outputs differ slightly
+    # A window whose input is one constant value (air clipped to 0 in CT, zero-filled MR background)
+    # gives the same output wherever it lies: run it once and reuse it. Off for callers that hook
+    # every forward pass; always off while dropout is stochastic (each window needs its own sample).
+    reuse_constant_windows: bool = True
 
     def to_dict(self) -> dict:
         return {"patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size}
@@ -83,12 +87,17 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spaced window starts covering [0, size) with at least the requested overlap."""
+    """Window starts along one axis, placed as MONAI's ``dense_patch_slices`` places them.
+
+    A fixed interval of ⌊patch·(1 − overlap)⌋ voxels, the last window moved back to end at the
+    border. Same placement, same windows: our output equals MONAI's sliding_window_inference given
+    the same weight map (checked by ``mtseg bench``), which it would not with evenly spread starts.
+    """
     if size <= patch:
         return [0]
-    step = patch * (1.0 - overlap)
-    n = int(np.ceil((size - patch) / step)) + 1
-    return [int(round(s)) for s in np.linspace(0, size - patch, n)]
+    interval = max(int(patch * (1.0 - overlap)), 1)
+    starts = list(range(0, size - patch, interval))
+    return starts + [size - patch]
 
 
 @dataclass
@@ -98,34 +107,52 @@ class WindowResult:
     context_logits: np.ndarray | None = None  # mean context-head logits over windows
     n_windows: int = 0
     gram_s: float = 0.0  # seconds spent accumulating the Gram matrices (the OOD signature's share)
+    n_reused: int = 0  # windows of constant input whose output was reused, not recomputed
 
 
-def _forward_batch(model: torch.nn.Module, x: torch.Tensor, gauss_share: torch.Tensor | None, taps: Sequence[str],
-                   config: WindowConfig, device: torch.device) -> tuple:
-    """One batch of windows: blended-flip logits, the batch's Gram contributions and context logits."""
-    grams, weights, context, gram_s = {}, {}, None, 0.0
+def _forward(model: torch.nn.Module, x: torch.Tensor, taps: Sequence[str], config: WindowConfig,
+             device: torch.device) -> tuple:
+    """One batch of windows: flip-averaged logits, the unflipped pass's tapped features, context logits."""
     flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
-    out = None
+    out, feats = None, {}
     with torch.inference_mode():  # thread-local: worker threads need it too
         for flip in flips:
             xin = torch.flip(x, flip) if flip else x
             with autocast_context(device, config.cpu_bf16):
-                y, feats = model(xin, taps=taps if not flip else ())
+                y, f = model(xin, taps=taps if not flip else ())
             y = y.float()
             y = torch.flip(y, flip) if flip else y
             out = y if out is None else out + y
             if not flip:
-                t_gram = time.perf_counter()
-                for name in taps:
-                    f = feats[name].float()
-                    g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
-                    fm = f.flatten(2)  # (B, C, V)
-                    grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
-                    weights[name] = g.sum()
-                gram_s += time.perf_counter() - t_gram
-                if "context" in feats:
-                    context = feats["context"].float().sum(0)
-        return out / len(flips), grams, weights, context, gram_s
+                feats = f
+        return out / len(flips), feats
+
+
+def _gram_terms(feats: dict, gauss_share: torch.Tensor, taps: Sequence[str]) -> tuple[dict, dict]:
+    """Σ over the batch's feature voxels of w·f fᵀ, w = the voxel's share of the blend (see module doc)."""
+    grams, weights = {}, {}
+    with torch.inference_mode():
+        for name in taps:
+            f = feats[name].float()
+            g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
+            fm = f.flatten(2)  # (B, C, V)
+            grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
+            weights[name] = g.sum()
+    return grams, weights
+
+
+def _dropout_active(model: torch.nn.Module) -> bool:
+    return any(m.training for m in model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout3d)))
+
+
+def _constant_windows(image: torch.Tensor, slices: list[tuple]) -> dict[int, float]:
+    """Index → value of every window whose input voxels all hold one value."""
+    constant = {}
+    for i, sl in enumerate(slices):
+        lo, hi = torch.aminmax(image[sl])
+        if lo == hi:
+            constant[i] = float(lo)
+    return constant
 
 
 def _window_workers(device: torch.device, n_batches: int) -> int:
@@ -185,50 +212,74 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
     padded, crop = _pad_to(array, patch)
     shape = padded.shape
     starts = list(itertools.product(*(window_starts(s, p, config.overlap) for s, p in zip(shape, patch))))
+    slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts]
     image = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
     gauss = torch.from_numpy(gaussian_importance(patch)).to(device)
     out_channels = model.config.out_channels
     logits = torch.zeros((out_channels, *shape), dtype=torch.float32, device=device)
     weight = torch.zeros(shape, dtype=torch.float32, device=device)
-    for st in starts:  # blending weights first: the Gram weights below need them
-        weight[tuple(slice(s, s + p) for s, p in zip(st, patch))] += gauss
+    for sl in slices:  # blending weights first: the Gram weights below need them
+        weight[sl] += gauss
     # Feature-voxel weights for the Gram matrices: gauss / Σ gauss is a partition of unity, so
     # every image voxel counts once in total however many windows cover it (one window → plain
     # XᵀX), and padding counts not at all.
-    share = gauss_share = None  # only needed when features are tapped
+    share = None  # only needed when features are tapped
     if taps:
         share = torch.zeros(shape, dtype=torch.float32, device=device)
         share[crop] = 1.0
         share /= weight
+
+    constant = {}
+    if config.reuse_constant_windows and not _dropout_active(model):
+        constant = _constant_windows(image, slices)
+    reused = {}
+    for v in sorted(set(constant.values())):
+        out, feats = _forward(model, torch.full((1, 1, *patch), v, device=device), taps, config, device)
+        reused[v] = (out.mul_(gauss), feats)
+    computed = [i for i in range(len(slices)) if i not in constant]
+    batches = [computed[b0:b0 + config.batch_size] for b0 in range(0, len(computed), config.batch_size)]
+    batches += [[i] for i in constant]
+
+    def run(batch: list[int]) -> tuple:
+        with torch.inference_mode():  # thread-local: worker threads need it too
+            return _run(batch)
+
+    def _run(batch: list[int]) -> tuple:
+        sls = [slices[i] for i in batch]
+        if batch[0] in constant:
+            out, feats = reused[constant[batch[0]]]
+        else:
+            out, feats = _forward(model, torch.stack([image[sl] for sl in sls])[:, None], taps, config, device)
+            out.mul_(gauss)  # blending weight applied here, in the worker, not in the collecting thread
+        grams, weights, seconds = {}, {}, 0.0
+        if taps:
+            t = time.perf_counter()
+            grams, weights = _gram_terms(feats, torch.stack([gauss * share[sl] for sl in sls])[:, None], taps)
+            seconds = time.perf_counter() - t
+        context = feats["context"].float().sum(0) if "context" in feats else None
+        return sls, out, grams, weights, context, seconds
+
     grams: dict[str, torch.Tensor] = {}
     gram_weight: dict[str, torch.Tensor] = {}
     context_sum = None
     gram_s = 0.0
-    batches = [starts[b0:b0 + config.batch_size] for b0 in range(0, len(starts), config.batch_size)]
-
-    def run(batch_starts: list) -> tuple:
-        slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in batch_starts]
-        x = torch.stack([image[sl] for sl in slices])[:, None]
-        gs = torch.stack([gauss * share[sl] for sl in slices])[:, None] if taps else None  # (B, 1, *patch)
-        return (slices, *_forward_batch(model, x, gs, taps, config, device))
-
     workers = _window_workers(device, len(batches))
     done = 0
     with _single_threaded_ops(workers > 1):
-        for slices, out, batch_grams, batch_weights, context, seconds in _ordered_map(run, batches, workers):
+        for sls, out, batch_grams, batch_weights, context, seconds in _ordered_map(run, batches, workers):
             for name in batch_grams:
                 grams[name] = grams.get(name, 0) + batch_grams[name]
                 gram_weight[name] = gram_weight.get(name, 0) + batch_weights[name]
             if context is not None:
                 context_sum = context if context_sum is None else context_sum + context
             gram_s += seconds
-            for k, sl in enumerate(slices):
-                logits[(slice(None), *sl)] += out[k] * gauss
-            done += len(slices)
+            for k, sl in enumerate(sls):
+                logits[(slice(None), *sl)] += out[k]  # already weighted by the Gaussian
+            done += len(sls)
             if progress is not None:
-                progress(stage, min(1.0, done / len(starts)))
+                progress(stage, min(1.0, done / len(slices)))
     logits /= weight
     logits = logits[(slice(None), *crop)].float().cpu()
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
-    context = None if context_sum is None else (context_sum / len(starts)).cpu().numpy()
-    return WindowResult(logits, gram, context, len(starts), gram_s)
+    context = None if context_sum is None else (context_sum / len(slices)).cpu().numpy()
+    return WindowResult(logits, gram, context, len(slices), gram_s, len(constant))

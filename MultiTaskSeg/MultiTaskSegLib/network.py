@@ -13,6 +13,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import fast_inference as fast
+
 
 @dataclass
 class NetworkConfig:
@@ -47,11 +49,24 @@ class ResBlock(nn.Module):
                                       nn.InstanceNorm3d(cout, affine=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast.use_fast_path(x):
+            return self._forward_fast(x)
         y = F.leaky_relu(self.norm1(self.conv1(x)), 0.01)
         y = self.drop(y)
         y = self.norm2(self.conv2(y))
         s = x if self.skip is None else self.skip(x)
         return F.leaky_relu(y + s, 0.01)
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block for CPU inference (fast_inference.py): channels-last, in place."""
+        y = F.leaky_relu_(fast.instance_norm_(fast.conv(self.conv1, x), self.norm1), 0.01)
+        y = self.drop(y)
+        y = fast.instance_norm_(fast.conv(self.conv2, y), self.norm2)
+        if self.skip is None:
+            return F.leaky_relu_(y.add_(x), 0.01)
+        conv, norm = self.skip
+        s = fast.conv1x1(x, conv) if conv.stride == (1, 1, 1) else fast.conv(conv, x)
+        return F.leaky_relu_(y.add_(fast.instance_norm_(s, norm)), 0.01)
 
 
 class ResidualUNet3D(nn.Module):
@@ -99,12 +114,14 @@ class ResidualUNet3D(nn.Module):
             skips.append(x)
         if self.context_head is not None:
             features["context"] = self.context_head(x.mean(dim=(2, 3, 4)))
+        quick = fast.use_fast_path(x)
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             i = depth - 2 - j
-            x = dec(torch.cat([up(x), skips[i]], dim=1))
+            x = dec(fast.up_cat(up, x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1))
             if f"dec{i}" in taps:
                 features[f"dec{i}"] = x
-        return self.head(x), features
+        logits = fast.conv1x1(x, self.head, channels_first_out=True) if quick else self.head(x)
+        return logits, features
 
 
 def build_network(config: NetworkConfig) -> ResidualUNet3D:

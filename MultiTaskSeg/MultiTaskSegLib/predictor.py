@@ -15,6 +15,7 @@ import torch
 
 from .bundle import Bundle
 from .errors import InputVolumeError, MultiTaskSegError
+from .fast_inference import prepare_for_cpu_inference
 from .inference import ProgressCallback, WindowConfig, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
@@ -68,6 +69,8 @@ class Predictor:
         except RuntimeError as exc:
             raise MultiTaskSegError(f"{exc}; use --device cpu (or auto)") from None
         self.model = bundle.load_model(self.device)
+        if self.device.type == "cpu":
+            prepare_for_cpu_inference(self.model)
         self.detector = bundle.detector()
         self.window: WindowConfig = bundle.window
         self.preprocessing = bundle.preprocessing
@@ -108,7 +111,10 @@ class Predictor:
             on_ood(ood)
 
         t = time.perf_counter()
-        probs = softmax_with_temperature(result.logits, self.bundle.temperature)
+        probs = softmax_with_temperature(result.logits, self.bundle.temperature)  # the labels need it too
+        timings["probabilities"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         if options.mc_dropout > 0:
             enable_mc_dropout(self.model, True)
             try:
