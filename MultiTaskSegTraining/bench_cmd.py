@@ -563,8 +563,8 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt(c['speedup_vs_monai'], 2)}× | {a['dice_mean']:.4f} / {a['dice_min']:.4f} |")
         lines += ["", "Kernels alone = MONAI's time on PyTorch's layers / MONAI's time on our inference kernels "
                   "(`fast_inference.py`: channels-last convolutions, in-place instance norm, 1×1 and transposed "
-                  "convolutions as matrix products). Our sliding window alone = MONAI on our kernels / ours: windows "
-                  "in parallel with one thread each, and windows whose input is one constant value (air) run once."]
+                  "convolutions as matrix products). Our sliding window alone = MONAI on our kernels / ours: the same "
+                  "windows and blending, except that windows whose input is one constant value (air) run once."]
     wm = [c for c in cases if "weightmap_check" in c]
     for c in wm:
         w = c["weightmap_check"]
@@ -628,8 +628,8 @@ def render_markdown(report: dict) -> str:
                   "here); the OOD Gram accumulation, our only extra work, is "
                   f"{100 * max(overhead, default=0):.1f} % of our inference at most.",
                   "- Our speed-up is the product of the two factors in the table above: inference kernels that do the "
-                  "same fp32 arithmetic with less memory traffic, and a sliding window that keeps both cores busy and "
-                  "does not recompute windows of constant input. Neither changes the numbers beyond float rounding "
+                  "same fp32 arithmetic with less memory traffic, and a sliding window that does not recompute "
+                  "windows of constant input. Neither changes the numbers beyond float rounding "
                   "(max |Δp| and Dice in the tables).",
                   "- The opt-in `--cpu-bf16` path is cheaper arithmetic (bf16 on AMX / AVX512-BF16) on the standard "
                   "layers; its agreement and its effect on the OOD signature are listed separately. It is not the "
