@@ -115,3 +115,16 @@ def test_window_starts_equal_monai_where_installed():
             interval = _get_scan_interval((size,), (64,), 1, (overlap,))
             theirs = [s[0].start for s in data_utils.dense_patch_slices((size,), (64,), interval)]
             assert window_starts(size, 64, overlap) == theirs
+
+
+def test_fast_path_only_for_plain_cpu_inference():
+    x = torch.zeros(1, 1, 4, 4, 4)
+    with torch.inference_mode():
+        assert fast.use_fast_path(x)
+        assert not fast.use_fast_path(x.double())
+        with fast.plain_layers():
+            assert not fast.use_fast_path(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # opt-in bf16 runs the standard layers
+            assert not fast.use_fast_path(x)
+        assert fast.use_fast_path(x)
+    assert not fast.use_fast_path(x)  # autograd on: training

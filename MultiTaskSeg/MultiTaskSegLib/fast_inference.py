@@ -22,9 +22,10 @@ _state = threading.local()
 
 
 def use_fast_path(x: torch.Tensor) -> bool:
-    """CPU, float32, no autograd (and not inside ``plain_layers``): the case these kernels are for."""
+    """CPU, float32, no autograd, no autocast (opt-in bf16 keeps the standard layers, whose norms
+    autocast handles) and not inside ``plain_layers``: the case these kernels are for."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not getattr(_state, "plain", False))
+            and not torch.is_autocast_enabled("cpu") and not getattr(_state, "plain", False))
 
 
 @contextlib.contextmanager
