@@ -54,14 +54,11 @@ def conv(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return channels_last(layer(x))
 
 
-def voxels_by_channel(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, D, H, W) → (B, D·H·W, C); a view for a channels-last tensor (read-only use: a copy otherwise)."""
-    return x.permute(0, 2, 3, 4, 1).reshape(x.shape[0], -1, x.shape[1])
-
-
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """A channels-last tensor as (B, V/k, k·C) rows: per-channel vectors repeated k times then broadcast
-    over rows, which elementwise kernels run ~4× faster than a broadcast over a length-C inner dim."""
+def voxel_rows(x: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """(B, C, D, H, W) → (B, D·H·W / k, k·C): rows of k voxels' channels; a view for a channels-last tensor
+    (a copy otherwise, so in-place use needs channels-last). k = 1 gives the (voxels × channels) matrix;
+    k > 1 lets per-channel vectors repeated k times be broadcast over rows, which elementwise kernels
+    run ~4× faster than a broadcast over a length-C inner dimension."""
     return x.permute(0, 2, 3, 4, 1).reshape(x.shape[0], -1, k * x.shape[1])
 
 
@@ -72,9 +69,9 @@ def instance_norm_(x: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
     b, c = x.shape[:2]
     n = x[0, 0].numel()
     k = math.gcd(n, 16)
-    rows = _rows(x, k)
+    rows = voxel_rows(x, k)
     rows.sub_(x.mean(dim=(2, 3, 4)).repeat(1, k).unsqueeze(1))
-    v = voxels_by_channel(x)
+    v = voxel_rows(x)
     var = torch.bmm(v.transpose(1, 2), v).diagonal(dim1=1, dim2=2) / n  # one GEMM reads x once
     scale = torch.rsqrt(var + norm.eps) * norm.weight  # (B, C)
     torch.addcmul(norm.bias.repeat(k), rows, scale.repeat(1, k).unsqueeze(1), out=rows)
@@ -89,7 +86,7 @@ def conv1x1(x: torch.Tensor, layer: nn.Conv3d, channels_first_out: bool = False)
     """
     b, c = x.shape[:2]
     out = layer.out_channels
-    v = voxels_by_channel(x)  # (B, V, C)
+    v = voxel_rows(x)  # (B, V, C)
     w = layer.weight.view(out, c)
     if channels_first_out:
         y = torch.bmm(w.expand(b, -1, -1), v.transpose(1, 2))  # (B, O, V)
@@ -113,7 +110,7 @@ def up_cat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor) -> torch
     """
     b, c, d, h, w = x.shape
     co, cs = up.out_channels, skip.shape[1]
-    voxels = voxels_by_channel(x)  # (B, V, c)
+    voxels = voxel_rows(x)  # (B, V, c)
     out = torch.empty((b, 2 * d, 2 * h, 2 * w, co + cs), dtype=x.dtype, device=x.device)
     grid = out.view(b, d, 2, h, 2, w, 2, co + cs)
     for i in range(2):
