@@ -115,29 +115,27 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, taps: Sequence[str], confi
     """One batch of windows: flip-averaged logits, the unflipped pass's tapped features, context logits."""
     flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
     out, feats = None, {}
-    with torch.inference_mode():  # thread-local: worker threads need it too
-        for flip in flips:
-            xin = torch.flip(x, flip) if flip else x
-            with autocast_context(device, config.cpu_bf16):
-                y, f = model(xin, taps=taps if not flip else ())
-            y = y.float()
-            y = torch.flip(y, flip) if flip else y
-            out = y if out is None else out + y
-            if not flip:
-                feats = f
-        return (out / len(flips) if len(flips) > 1 else out), feats
+    for flip in flips:
+        xin = torch.flip(x, flip) if flip else x
+        with autocast_context(device, config.cpu_bf16):
+            y, f = model(xin, taps=taps if not flip else ())
+        y = y.float()
+        y = torch.flip(y, flip) if flip else y
+        out = y if out is None else out + y
+        if not flip:
+            feats = f
+    return (out / len(flips) if len(flips) > 1 else out), feats
 
 
 def _gram_terms(feats: dict, gauss_share: torch.Tensor, taps: Sequence[str]) -> tuple[dict, dict]:
     """Σ over the batch's feature voxels of w·f fᵀ, w = the voxel's share of the blend (see module doc)."""
     grams, weights = {}, {}
-    with torch.inference_mode():
-        for name in taps:
-            f = feats[name].float()
-            g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
-            fm = f.flatten(2)  # (B, C, V)
-            grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
-            weights[name] = g.sum()
+    for name in taps:
+        f = feats[name].float()
+        g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
+        fm = f.flatten(2)  # (B, C, V)
+        grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
+        weights[name] = g.sum()
     return grams, weights
 
 
@@ -258,33 +256,27 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
 
     grams: dict[str, torch.Tensor] = {}
     gram_weight: dict[str, torch.Tensor] = {}
+    context_sum, gram_s, done = None, 0.0, 0
+    # One batch after another on torch's intra-op threads. Running windows in parallel with one
+    # thread each was 1.1–1.35× faster on aten's layers, but on the inference kernels it is ~7 %
+    # slower on 2 cores (measured on a 120×150×150 array), so it was removed.
     with _reuse_freed_memory(device.type == "cpu"):
-        context_sum, gram_s = _run_batches(run, batches, slices, logits, grams, gram_weight, progress, stage)
+        for batch in batches:
+            sls, out, batch_grams, batch_weights, context, seconds = run(batch)
+            for name in batch_grams:
+                grams[name] = grams.get(name, 0) + batch_grams[name]
+                gram_weight[name] = gram_weight.get(name, 0) + batch_weights[name]
+            if context is not None:
+                context_sum = context if context_sum is None else context_sum + context
+            gram_s += seconds
+            for k, sl in enumerate(sls):
+                logits[(slice(None), *sl)] += out[k]  # already weighted by the Gaussian
+            done += len(sls)
+            if progress is not None:
+                progress(stage, min(1.0, done / len(slices)))
     logits /= weight
     logits = logits[(slice(None), *crop)].float().cpu()
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
     context = None if context_sum is None else (context_sum / len(slices)).cpu().numpy()
     return WindowResult(logits, gram, context, len(slices), gram_s, len(constant))
 
-
-def _run_batches(run: Callable, batches: list, slices: list, logits: torch.Tensor, grams: dict, gram_weight: dict,
-                 progress: ProgressCallback | None, stage: str) -> tuple:
-    """Run the batches, blend their logits into ``logits`` and sum the Gram terms; (context sum, Gram seconds)."""
-    context_sum, gram_s, done = None, 0.0, 0
-    # One batch after another on torch's intra-op threads. Running windows in parallel with one
-    # thread each was 1.1–1.35× faster on aten's layers, but on the inference kernels it is ~5 %
-    # slower on 2 cores (measured on a 120×150×150 array), so it was removed.
-    for batch in batches:
-        sls, out, batch_grams, batch_weights, context, seconds = run(batch)
-        for name in batch_grams:
-            grams[name] = grams.get(name, 0) + batch_grams[name]
-            gram_weight[name] = gram_weight.get(name, 0) + batch_weights[name]
-        if context is not None:
-            context_sum = context if context_sum is None else context_sum + context
-        gram_s += seconds
-        for k, sl in enumerate(sls):
-            logits[(slice(None), *sl)] += out[k]  # already weighted by the Gaussian
-        done += len(sls)
-        if progress is not None:
-            progress(stage, min(1.0, done / len(slices)))
-    return context_sum, gram_s
