@@ -37,7 +37,6 @@ OOD detection (OOD = positive class; in-distribution = the test cases)
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import os
