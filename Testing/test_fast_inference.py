@@ -21,7 +21,9 @@ def _random_network(seed: int = 0, dropout: float = 0.0) -> ResidualUNet3D:
     model = ResidualUNet3D(NetworkConfig(out_channels=5, widths=(4, 8, 16), dropout=dropout, n_contexts=3))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "weight" in name and p.dim() > 1 else 0.5) + (1.0 if "norm" in name and "weight" in name else 0.0))
+            spread = 0.3 if "weight" in name and p.dim() > 1 else 0.5  # kernels smaller than norm affines
+            centre = 1.0 if "norm" in name and "weight" in name else 0.0  # norm scales around 1
+            p.copy_(torch.randn_like(p) * spread + centre)
     return model.eval()
 
 
