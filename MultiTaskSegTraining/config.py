@@ -16,6 +16,9 @@ class TrainConfig:
     init_bundle: str | None = None  # fine-tune (transfer learning) from this bundle
     finetune: str = "all"  # all | decoder (encoder frozen)
     seed: int = 0
+    # keep the split of this bundle directory or split.json (its cases stay where they were; new cases are
+    # assigned); None = the init bundle's split when fine-tuning, else a fresh seeded split
+    split_from: str | None = None
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     target_spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])
@@ -31,8 +34,12 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - progress)^0.9)
+    cpu_bf16: bool = False  # bf16 autocast for training on CPU (CUDA always uses autocast)
+    channels_last: bool = False  # channels-last 3D memory format for training
     sampling: str = "sqrt"  # sqrt | proportional | uniform, across datasets
     foreground_fraction: float = 0.5
+    foreground_mode: str = "per_structure"  # per_structure (each structure equally often) | any
     augment: bool = True
     checkpoint_every: int = 100
     ood_layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])
@@ -55,7 +62,11 @@ class TrainConfig:
             raise MultiTaskSegError(f"{path}: config file not found")
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise MultiTaskSegError(f"{path}: reading a YAML config needs PyYAML, which comes with the training "
+                                        "extra: pip install 'multitaskseg[train]' (or give the config as JSON)") from None
             raw = yaml.safe_load(text) or {}
         else:
             raw = json.loads(text)

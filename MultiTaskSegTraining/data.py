@@ -48,11 +48,14 @@ class DatasetSpec:
         return h.hexdigest()
 
 
-_GROUP_SUFFIX = re.compile(r"(_frame\d+|_ed|_es|_\d{4})$", re.IGNORECASE)
+# Only suffixes that name a cardiac phase of one patient (ACDC ``_frame01``, ``_ED``/``_ES``). A plain
+# trailing number (``amos_0001``, ``case_0001``) is a case number, not a patient: grouping by it would
+# put every case of such a dataset into one patient and one split part.
+_GROUP_SUFFIX = re.compile(r"(_frame\d+|_ed|_es)$", re.IGNORECASE)
 
 
 def patient_group(case_id: str) -> str:
-    """ACDC-style ``patient001_frame01`` / ``_frame02`` belong to one patient."""
+    """ACDC-style ``patient001_frame01`` / ``_frame02`` belong to one patient; other ids are their own group."""
     return _GROUP_SUFFIX.sub("", case_id)
 
 
@@ -100,15 +103,33 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     return DatasetSpec(name, root, _modality(meta), labels, cases, meta)
 
 
-def split_cases(spec: DatasetSpec, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1) -> dict[str, list[str]]:
-    """Deterministic patient-level split: the same seed and dataset always give the same split."""
+def split_cases(spec: DatasetSpec, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                previous: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Deterministic patient-level split: the same seed and dataset always give the same split.
+
+    ``previous`` (an earlier split of this dataset, e.g. the one stored in the bundle a run starts
+    from) is kept as it is: its cases stay in their part, so a model fine-tuned from that bundle never
+    meets its own training cases in the test part. Only groups it does not know are assigned, filling
+    test and validation up to their fractions of the whole dataset.
+    """
     groups = sorted({c.group for c in spec.cases})
     rng = np.random.default_rng(int(hashlib.sha256(f"{seed}:{spec.name}".encode()).hexdigest()[:8], 16))
     order = [groups[i] for i in rng.permutation(len(groups))]
     n = len(order)
     n_test = max(1, int(round(test_fraction * n))) if n >= 2 else 0
     n_val = max(1, int(round(val_fraction * n))) if n - n_test >= 3 else 0
-    test, val, train = set(order[:n_test]), set(order[n_test:n_test + n_val]), set(order[n_test + n_val:])
+    if previous:
+        known = {c.case_id: c.group for c in spec.cases}
+        fixed = {part: {known[cid] for cid in previous.get(part, []) if cid in known} for part in ("test", "val", "train")}
+        taken = set().union(*fixed.values())
+        fresh = [g for g in order if g not in taken]
+        k_test = max(0, n_test - len(fixed["test"]))
+        k_val = max(0, n_val - len(fixed["val"]))
+        test = fixed["test"] | set(fresh[:k_test])
+        val = (fixed["val"] | set(fresh[k_test:k_test + k_val])) - test  # a test patient stays test only
+        train = (fixed["train"] | set(fresh[k_test + k_val:])) - test - val
+    else:
+        test, val, train = set(order[:n_test]), set(order[n_test:n_test + n_val]), set(order[n_test + n_val:])
     pick = lambda gs: sorted(c.case_id for c in spec.cases if c.group in gs)  # noqa: E731
     return {"train": pick(train), "val": pick(val), "test": pick(test)}
 

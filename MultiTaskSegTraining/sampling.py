@@ -20,8 +20,19 @@ def dataset_weights(n_cases: list[int], scheme: str = "sqrt") -> np.ndarray:
 
 
 class PatchSampler:
+    """Draws (image, label, dataset) patches: a dataset by ``scheme``, a case, then a location.
+
+    With probability ``foreground_fraction`` the patch is centred (with jitter) on a foreground voxel.
+    ``foreground_mode="per_structure"`` first picks one of the case's structures uniformly, as nnU-Net
+    does, so a small structure (the right ventricle beside the larger myocardium and left ventricle)
+    is seen as often as a large one; ``"any"`` picks among all foreground voxels.
+    """
+
     def __init__(self, cases: list[CachedCase], n_datasets: int, patch: tuple[int, int, int],
-                 scheme: str = "sqrt", foreground_fraction: float = 0.5, seed: int = 0):
+                 scheme: str = "sqrt", foreground_fraction: float = 0.5, seed: int = 0,
+                 foreground_mode: str = "per_structure"):
+        if foreground_mode not in ("per_structure", "any"):
+            raise ValueError(f"foreground_mode must be 'per_structure' or 'any', not {foreground_mode!r}")
         self.patch = patch
         self.fg = foreground_fraction
         self.by_dataset = [[c for c in cases if c.dataset == d] for d in range(n_datasets)]
@@ -30,9 +41,8 @@ class PatchSampler:
         self.weights[np.array(sizes) == 0] = 0
         self.weights /= self.weights.sum()
         self.rng = np.random.default_rng(seed)
-        # foreground voxel coordinates per case, subsampled to keep memory small
-        self.fg_coords = {id(c): np.argwhere(c.label > 0)[:: max(1, int((c.label > 0).sum() // 20000))]
-                          for c in cases}
+        # foreground voxel coordinates per case (and structure), subsampled to keep memory small
+        self.fg_coords = {id(c): _foreground_coords(c.label, foreground_mode) for c in cases}
 
     def _crop(self, array: np.ndarray, start: np.ndarray) -> np.ndarray:
         pads = [(max(0, -s), max(0, s + p - n)) for s, p, n in zip(start, self.patch, array.shape)]
@@ -47,7 +57,8 @@ class PatchSampler:
         case = self.by_dataset[d][int(self.rng.integers(len(self.by_dataset[d])))]
         shape = np.array(case.image.shape)
         patch = np.array(self.patch)
-        coords = self.fg_coords[id(case)]
+        per_structure = self.fg_coords[id(case)]
+        coords = per_structure[int(self.rng.integers(len(per_structure)))] if per_structure else np.empty((0, 3))
         if len(coords) and self.rng.random() < self.fg:
             centre = coords[int(self.rng.integers(len(coords)))]
             start = centre - patch // 2 + self.rng.integers(-patch // 4, patch // 4 + 1)
@@ -62,6 +73,17 @@ class PatchSampler:
         x = torch.from_numpy(np.stack([i[0] for i in items]).astype(np.float32))[:, None]
         y = torch.from_numpy(np.stack([i[1] for i in items]))
         return x, y, [i[2] for i in items]
+
+
+def _foreground_coords(label: np.ndarray, mode: str, per_group: int = 20000) -> list[np.ndarray]:
+    """Foreground coordinates grouped by structure (one group of all foreground for ``mode="any"``)."""
+    groups = [label > 0] if mode == "any" else [label == v for v in np.unique(label) if v > 0]
+    out = []
+    for mask in groups:
+        n = int(mask.sum())
+        if n:
+            out.append(np.argwhere(mask)[:: max(1, n // per_group)])
+    return out
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:

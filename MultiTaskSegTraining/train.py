@@ -30,6 +30,7 @@ from MultiTaskSegLib.terminology import describe
 from .config import TrainConfig
 from .data import CachedCase, DatasetSpec, LabelSpace, build_label_space, load_dataset, preprocess_case, split_cases
 from .losses import partial_label_loss
+from .postprocess_fit import fit_postprocessing
 from .sampling import PatchSampler, augment
 from .signatures import case_signatures
 from .temperature import fit_temperature
@@ -92,7 +93,15 @@ def prepare_data(config: TrainConfig, work: Path, main: bool = True):
     if len(set(names)) != len(names):
         raise MultiTaskSegError(f"datasets with the same name given twice: {names}")
     split_path = work / "split.json"
-    splits = {s.name: split_cases(s, config.seed, config.test_fraction, config.val_fraction) for s in specs}
+    previous = previous_split(config)
+    splits = {s.name: split_cases(s, config.seed, config.test_fraction, config.val_fraction, previous.get(s.name))
+              for s in specs}
+    for name, parts in splits.items():
+        empty = [part for part in ("val", "test") if not parts[part]]
+        if empty and main:
+            log.warning("%s: the split leaves no %s case (%d cases in all): %s", name, " and no ".join(empty),
+                        sum(len(v) for v in parts.values()),
+                        "no temperature fit or validation on it" if "val" in empty else "nothing to test it on")
     if split_path.exists():
         previous = json.loads(split_path.read_text(encoding="utf-8"))
         if previous != splits:
@@ -118,6 +127,24 @@ def prepare_data(config: TrainConfig, work: Path, main: bool = True):
     if not cases["train"]:
         raise MultiTaskSegError("the split leaves no training case")
     return specs, splits, pre, cases
+
+
+def previous_split(config: TrainConfig) -> dict[str, dict[str, list[str]]]:
+    """The split to keep (``split_from``, else the init bundle's): dataset name → {train, val, test}."""
+    source = config.split_from or config.init_bundle
+    if not source:
+        return {}
+    path = Path(source)
+    if path.is_dir():
+        bundle_json = path / "bundle.json"
+        if not bundle_json.is_file():
+            raise MultiTaskSegError(f"split_from {source}: no bundle.json there (give a bundle or a split.json)")
+        split = json.loads(bundle_json.read_text(encoding="utf-8")).get("training", {}).get("split", {})
+    elif path.is_file():
+        split = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        raise MultiTaskSegError(f"split_from {source}: no such bundle directory or split file")
+    return split
 
 
 def _global_labels(cases: list[CachedCase], space: LabelSpace) -> None:
@@ -152,11 +179,16 @@ def build_model(config: TrainConfig, space: LabelSpace, n_contexts: int) -> Resi
 
 
 def lr_at(config: TrainConfig, progress: float) -> float:
-    """Linear warm-up then cosine decay over the run's progress in [0, 1]."""
+    """Linear warm-up, then cosine or poly decay over the run's progress in [0, 1]."""
     warm = config.warmup_steps / max(config.steps, 1)
     if progress < warm:
         return config.lr * max(progress / warm, 0.05)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warm) / max(1e-9, 1 - warm))))
+    rest = min(1.0, (progress - warm) / max(1e-9, 1 - warm))
+    if config.lr_schedule == "poly":
+        return config.lr * (1 - rest) ** 0.9
+    if config.lr_schedule != "cosine":
+        raise MultiTaskSegError(f"lr_schedule must be 'cosine' or 'poly', not {config.lr_schedule!r}")
+    return config.lr * 0.5 * (1 + math.cos(math.pi * rest))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -198,7 +230,8 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     step, elapsed = 0, 0.0
     sampler = PatchSampler(cases["train"], len(specs), tuple(config.patch_size), config.sampling,
-                           config.foreground_fraction, seed=config.seed * 1000 + ddp.rank)
+                           config.foreground_fraction, seed=config.seed * 1000 + ddp.rank,
+                           foreground_mode=config.foreground_mode)
     aug_rng = np.random.default_rng(config.seed * 7919 + ddp.rank)
     ckpt_path = work / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -214,16 +247,22 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     annotated = [space.annotated(d) for d in range(len(specs))]
-    use_amp = dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = dev.type == "cuda" or (dev.type == "cpu" and config.cpu_bf16)
+    amp_dtype = torch.bfloat16 if dev.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        model.to(memory_format=memory_format)
     budget_s = config.max_minutes * 60 if config.max_minutes else None
     model.train()
     t_last, data_time, losses = time.perf_counter(), 0.0, []
     bar = None
     if ddp.main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=config.steps, initial=step, desc="train", file=sys.stderr)
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=config.steps, initial=step, desc="train", file=sys.stderr)
+        except ImportError:  # the log lines still report progress
+            log.info("tqdm is not installed (pip install 'multitaskseg[train]'): no progress bar")
     log.info("training %s on %s: %d train / %d val cases, %d outputs, %d steps, batch %d×%d, device %s",
              "+".join(s.name for s in specs), dev, len(cases["train"]), len(cases["val"]), len(space.names),
              config.steps, config.batch_size, ddp.world, dev)
@@ -242,7 +281,7 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
         x, y, ds = sampler.batch(config.batch_size)
         if config.augment:
             x, y = augment(x, y, aug_rng)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x, y = x.to(dev, non_blocking=True, memory_format=memory_format), y.to(dev, non_blocking=True)
         t1 = time.perf_counter()
         data_time += t1 - t0
         for g in opt.param_groups:
@@ -306,6 +345,10 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
     log.info("temperature %.3f fitted on %d validation cases (NLL %s) in %.0f s", temperature, len(cases["val"]),
              val_nll, time.perf_counter() - t0)
     t0 = time.perf_counter()
+    postprocessing = fit_postprocessing(model, cases["val"], window, dev, annotated, len(space.names))
+    log.info("largest-component post-processing for labels %s (validation Dice %s) in %.0f s",
+             postprocessing["largest_component"], postprocessing["validation_dice"], time.perf_counter() - t0)
+    t0 = time.perf_counter()
     signature_cases = cases["train"]
     if config.signature_max_cases:
         signature_cases = [c for d in range(len(specs))
@@ -336,6 +379,7 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
         "labels": labels,
         "contexts": contexts,
         "label_mode": config.label_mode,
+        "postprocessing": postprocessing,
         "calibration": {"temperature": temperature, "fitted_on": "validation split", "val_nll": val_nll},
         "ood": {"detector": "spectral", "layers": list(config.ood_layers), "spectrum_length": config.spectrum_length,
                 "threshold": threshold, "threshold_rule": f"mean + {config.threshold_k}·std of leave-one-case-out "

@@ -32,9 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-    if args.config and config.data:  # dataset paths in a config file are relative to it
+    if args.config:  # paths in a config file are relative to it
         base = Path(args.config).resolve().parent
-        config = config.updated({"data": [str((base / d).resolve()) for d in config.data]})
+        config = config.updated({"data": [str((base / d).resolve()) for d in config.data],
+                                 **{k: str((base / v).resolve()) for k in ("split_from", "init_bundle")
+                                    if (v := getattr(config, k))}})
     overrides = {"steps": args.steps, "max_minutes": args.max_minutes, "label_mode": args.label_mode,
                  "seed": args.seed, "threads": args.threads, "cache_dir": args.cache_dir,
                  "init_bundle": args.init_bundle, "finetune": args.finetune}

@@ -19,6 +19,7 @@ from .fast_inference import prepare_for_cpu_inference
 from .inference import ProgressCallback, WindowConfig, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
+from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import array_to_image, validate_volume
@@ -141,6 +142,9 @@ class Predictor:
         if restrict:
             restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
+        t = time.perf_counter()
+        keep_largest_component(labels, self.bundle.meta.get("postprocessing", {}).get("largest_component", []))
+        timings["postprocess"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0
         names = self.bundle.label_names

@@ -1,0 +1,62 @@
+"""nnU-Net-style post-processing: keep the largest connected component of chosen structures.
+
+Which structures get it is decided per bundle on the validation cases (``choose_largest_component``,
+called when a bundle is finalised) and stored in ``bundle.json`` under ``postprocessing``; a
+structure that can legitimately be several pieces (a tumour, the cortex) keeps its pieces when
+validation says so.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: touching at a corner is one piece
+
+
+def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndarray:
+    """Set every voxel of ``values`` outside its largest 26-connected component to background (in place)."""
+    for value in values:
+        mask = labels == value
+        if not mask.any():
+            continue
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))  # label only the bounding box
+        crop = mask[box]
+        components, n = ndimage.label(crop, structure=_FULL)
+        if n <= 1:
+            continue
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        stray = crop & (components != int(np.argmax(sizes)))
+        labels[box][stray] = 0
+    return labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
+
+
+def choose_largest_component(cases: Sequence[tuple[np.ndarray, np.ndarray]], values: Iterable[int],
+                             ) -> tuple[list[int], dict[int, dict[str, float]]]:
+    """Structures whose mean Dice over ``cases`` ((prediction, reference) label pairs) does not drop
+    with largest-component filtering; returns them and the Dice before/after for the record.
+
+    Only cases whose reference contains the structure count; a structure seen in none is left alone.
+    """
+    chosen, record = [], {}
+    for v in values:
+        before, after = [], []
+        for pred, ref in cases:
+            if not (ref == v).any():
+                continue
+            before.append(dice(pred == v, ref == v))
+            after.append(dice(keep_largest_component(pred.copy(), [v]) == v, ref == v))
+        if not before:
+            continue
+        record[int(v)] = {"dice_before": float(np.mean(before)), "dice_after": float(np.mean(after)),
+                          "n_cases": len(before)}
+        if np.mean(after) >= np.mean(before):
+            chosen.append(int(v))
+    return chosen, record

@@ -1,0 +1,128 @@
+"""Issue 11's training pieces: patient grouping, split extension, per-structure sampling, post-processing,
+learning-rate schedules, bf16/channels-last training, and the missing-extra message."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from MultiTaskSegLib.bundle import load_bundle
+from MultiTaskSegLib.errors import MultiTaskSegError
+from MultiTaskSegLib.postprocessing import choose_largest_component, keep_largest_component
+from MultiTaskSegTraining.cli import main
+from MultiTaskSegTraining.config import TrainConfig
+from MultiTaskSegTraining.data import CachedCase, load_dataset, patient_group, split_cases
+from MultiTaskSegTraining.sampling import PatchSampler
+from MultiTaskSegTraining.train import lr_at
+from phantoms import make_msd_dataset
+from train_helpers import phantom_datasets, tiny_config
+
+
+def test_four_digit_case_numbers_are_cases_not_one_patient():
+    assert patient_group("amos_0001") == "amos_0001" != patient_group("amos_0002")
+    assert patient_group("acdc_patient007_frame02") == patient_group("acdc_patient007_frame01") == "acdc_patient007"
+    assert patient_group("mnm_A1B2_ED") == patient_group("mnm_A1B2_ES")
+
+
+def test_a_numbered_dataset_gets_validation_and_test_cases(tmp_path):
+    root = make_msd_dataset(tmp_path, "Toy", "MR", n_cases=12)
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    for i, entry in enumerate(meta["training"]):
+        new = f"toy_{i:04d}.nii.gz"
+        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
+            (root / entry[key]).rename(root / sub / new)
+            entry[key] = f"./{sub}/{new}"
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    split = split_cases(load_dataset(root), seed=0)
+    assert len(split["test"]) == 2 and len(split["val"]) == 1 and len(split["train"]) == 9
+
+
+def test_a_kept_split_stays_and_new_cases_fill_the_parts(tmp_path):
+    spec = load_dataset(make_msd_dataset(tmp_path, "Grow", "MR", n_cases=20))
+    ids = [c.case_id for c in spec.cases]
+    old = {"train": ids[:5], "val": ids[5:6], "test": ids[6:8]}  # an earlier, smaller split
+    new = split_cases(spec, seed=0, previous=old)
+    for part, cases in old.items():
+        assert set(cases) <= set(new[part])  # nothing moves
+    assert len(new["test"]) == 4 and len(new["val"]) == 2 and len(new["train"]) == 14
+    assert sorted(sum(new.values(), [])) == sorted(ids)
+    assert split_cases(spec, seed=0, previous=old) == new  # deterministic
+
+
+def _case(label: np.ndarray) -> CachedCase:
+    return CachedCase(0, "c", np.zeros(label.shape, np.float16), label, (1.0, 1.0, 1.0))
+
+
+def test_per_structure_sampling_sees_a_small_structure_as_often_as_a_large_one():
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[5:35, 5:35, 5:20] = 1  # large
+    label[30:33, 30:33, 30:33] = 2  # 27 voxels
+    hits = {}
+    for mode in ("any", "per_structure"):
+        sampler = PatchSampler([_case(label)], 1, (8, 8, 8), foreground_fraction=1.0, seed=1, foreground_mode=mode)
+        hits[mode] = np.mean([(sampler.sample()[1] == 2).any() for _ in range(400)])
+    assert hits["any"] < 0.05
+    assert 0.4 < hits["per_structure"] < 0.6
+
+
+def test_largest_component_removes_stray_blobs_and_is_chosen_only_where_it_helps():
+    ref = np.zeros((30, 30, 30), np.uint8)
+    ref[5:15, 5:15, 5:15] = 1
+    ref[20:25, 20:25, 20:25] = 2  # structure 2 really has two pieces
+    ref[2:4, 20:25, 20:25] = 2
+    pred = ref.copy()
+    pred[25:28, 2:5, 2:5] = 1  # a stray blob of structure 1
+    out = keep_largest_component(pred.copy(), [1, 2])
+    assert (out == 1).sum() == 1000 and (out[25:28, 2:5, 2:5] == 0).all()
+    chosen, record = choose_largest_component([(pred, ref)], [1, 2])
+    assert chosen == [1]
+    assert record[1]["dice_after"] == 1.0 > record[1]["dice_before"]
+    assert record[2]["dice_after"] < record[2]["dice_before"]
+
+
+def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
+    for schedule in ("cosine", "poly"):
+        config = TrainConfig(lr=1e-2, steps=100, warmup_steps=10, lr_schedule=schedule)
+        assert lr_at(config, 0.1) == pytest.approx(1e-2)
+        assert lr_at(config, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(TrainConfig(steps=100, warmup_steps=10, lr_schedule="poly"), 0.55) > \
+        lr_at(TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine"), 0.55)
+    with pytest.raises(MultiTaskSegError, match="lr_schedule"):
+        lr_at(TrainConfig(lr_schedule="step"), 0.5)
+
+
+def test_yaml_config_without_the_training_extra_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "x.yaml"
+    path.write_text("steps: 3\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    with pytest.raises(MultiTaskSegError, match=r"multitaskseg\[train\]"):
+        TrainConfig.from_file(path)
+
+
+def test_bf16_channels_last_training_with_poly_schedule_writes_a_bundle_with_postprocessing(tmp_path):
+    data = phantom_datasets(tmp_path / "data")
+    config = tiny_config(tmp_path / "c.json", data, cpu_bf16=True, channels_last=True, lr_schedule="poly",
+                         signature_augmentations=0)
+    out = tmp_path / "b"
+    assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    meta = load_bundle(out).meta
+    assert meta["training"]["config"]["cpu_bf16"] is True
+    post = meta["postprocessing"]
+    assert set(post["largest_component"]) <= {1, 2, 3, 4}
+    assert "validation" in post["chosen_on"]
+
+
+def test_a_finetune_keeps_the_init_bundles_split(tmp_path):
+    data = phantom_datasets(tmp_path / "data")
+    first = tmp_path / "first"
+    assert main(["train", "--config", str(tiny_config(tmp_path / "a.json", data, steps=2, signature_augmentations=0)),
+                 "-o", str(first), "--cache-dir", str(tmp_path / "cache")]) == 0
+    split = load_bundle(first).meta["training"]["split"]
+    # change the seed: a fresh split would differ, the kept one must not
+    config = tiny_config(tmp_path / "b.json", data, steps=2, seed=5, signature_augmentations=0)
+    second = tmp_path / "second"
+    assert main(["train", "--config", str(config), "-o", str(second), "--init-bundle", str(first),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert load_bundle(second).meta["training"]["split"] == split
