@@ -42,6 +42,7 @@ class TrainConfig:
     foreground_mode: str = "per_structure"  # per_structure (each structure equally often) | any
     augment: bool = True
     checkpoint_every: int = 100
+    validate_every: int = 0  # steps between validation-Dice evaluations (0 = none); logged to validation.jsonl
     ood_layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])
     spectrum_length: int | None = None
     signature_augmentations: int = 2  # extra training signatures per case (random crop + intensity)

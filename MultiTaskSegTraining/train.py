@@ -30,7 +30,7 @@ from MultiTaskSegLib.terminology import describe
 from .config import TrainConfig
 from .data import CachedCase, DatasetSpec, LabelSpace, build_label_space, load_dataset, preprocess_case, split_cases
 from .losses import partial_label_loss
-from .postprocess_fit import fit_postprocessing
+from .postprocess_fit import fit_postprocessing, validation_dice
 from .sampling import PatchSampler, augment
 from .signatures import case_signatures
 from .temperature import fit_temperature
@@ -316,6 +316,9 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
             t_last, data_time = now, 0.0
         if ddp.main and step % config.checkpoint_every == 0:
             _save_checkpoint(ckpt_path, state_dict())
+        if ddp.main and config.validate_every and step % config.validate_every == 0 and cases["val"]:
+            _log_validation(model, cases["val"], config, annotated, space.names, dev, work, step, elapsed)
+            t_last = time.perf_counter()  # the patches/s report counts training only
     if bar is not None:
         bar.close()
     if save_replicas:
@@ -332,6 +335,19 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
         dist.barrier()
         dist.destroy_process_group()
     return output
+
+
+def _log_validation(model: ResidualUNet3D, val: list[CachedCase], config: TrainConfig, annotated: list[list[int]],
+                    names: list[str], dev: torch.device, work: Path, step: int, elapsed: float) -> None:
+    """Validation Dice per structure, to see whether a run still improves (validation.jsonl)."""
+    t0 = time.perf_counter()
+    window = WindowConfig(tuple(config.patch_size), config.overlap, config.batch_size)
+    scores = validation_dice(model, val, window, dev, annotated, names)
+    record = {"step": step, "minutes": round(elapsed / 60, 1), "dice": scores}
+    with open(work / "validation.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    log.info("validation at step %d: mean Dice %.3f (%s) in %.0f s", step, scores.get("mean", float("nan")),
+             ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "mean"), time.perf_counter() - t0)
 
 
 def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec], splits: dict, pre: PreprocessingConfig,

@@ -104,7 +104,7 @@ def test_yaml_config_without_the_training_extra_names_the_extra(tmp_path, monkey
 def test_bf16_channels_last_training_with_poly_schedule_writes_a_bundle_with_postprocessing(tmp_path):
     data = phantom_datasets(tmp_path / "data")
     config = tiny_config(tmp_path / "c.json", data, cpu_bf16=True, channels_last=True, lr_schedule="poly",
-                         signature_augmentations=0)
+                         signature_augmentations=0, validate_every=3)
     out = tmp_path / "b"
     assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     meta = load_bundle(out).meta
@@ -112,6 +112,10 @@ def test_bf16_channels_last_training_with_poly_schedule_writes_a_bundle_with_pos
     post = meta["postprocessing"]
     assert set(post["largest_component"]) <= {1, 2, 3, 4}
     assert "validation" in post["chosen_on"]
+    curve = [json.loads(line) for line in (tmp_path / "b_work" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve] == [3, 6]
+    assert set(curve[0]["dice"]) == {"liver", "spleen", "left ventricle", "myocardium", "mean"}
+    assert all(0.0 <= v <= 1.0 for r in curve for v in r["dice"].values())
 
 
 def test_a_finetune_keeps_the_init_bundles_split(tmp_path):
