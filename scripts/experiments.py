@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "BrainStructuresMR"]
-TRANSFER_TARGETS = ["BrainStructuresMR", "AbdomenCT"]  # the smallest datasets, where transfer should matter
+# issue 11: the contexts with enough cases for a paired test (dedicated and transfer arms for each)
+TARGETS = ["CardiacCineMR", "LeftAtriumMR", "BrainTumorMR"]
 ROOT = Path(__file__).resolve().parents[1]
 MTSEG = [sys.executable, "-m", "MultiTaskSegTraining.cli"]
 
@@ -23,8 +24,8 @@ MTSEG = [sys.executable, "-m", "MultiTaskSegTraining.cli"]
 def arms(data_root: Path) -> list[tuple[str, list[Path], dict]]:
     d = {n: data_root / n for n in DATASETS}
     out = [("joint", [d[n] for n in DATASETS], {})]
-    out += [(f"dedicated_{n}", [d[n]], {}) for n in DATASETS]
-    for t in TRANSFER_TARGETS:
+    out += [(f"dedicated_{n}", [d[n]], {}) for n in TARGETS]
+    for t in TARGETS:
         others = [d[n] for n in DATASETS if n != t]
         out.append((f"pretrain_without_{t}", others, {}))
         out.append((f"transfer_{t}", [d[t]], {"init": f"pretrain_without_{t}"}))
