@@ -158,7 +158,10 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self.logic:
@@ -287,8 +290,8 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error), detailedText=detail)
             return
         # the outputs are now chosen: a second Apply updates them instead of piling up nodes
-        self._parameterNode.outputSegmentation = outputs.segmentation
-        self._parameterNode.outputUncertainty = outputs.uncertainty
+        p = self._parameterNode or self.logic.getParameterNode()  # the user may have left the module meanwhile
+        p.outputSegmentation, p.outputUncertainty = outputs.segmentation, outputs.uncertainty
         self._fillResults(result.report)
         report = result.report
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}.").format(
