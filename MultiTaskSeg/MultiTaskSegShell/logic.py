@@ -223,9 +223,10 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
             self._run.worker.cancel()
             self._finish(cancelled=True)
 
-    def _notify(self, name: str, *args) -> None:
+    @staticmethod
+    def _notify(run: _Run, name: str, *args) -> None:
         """A failing callback is logged, never left to stop the run (or leave the button on Cancel)."""
-        callback = self._run.callbacks.get(name) if self._run else None
+        callback = run.callbacks.get(name)
         if callback is not None:
             try:
                 callback(*args)
@@ -233,24 +234,25 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
                 logging.exception(f"MultiTaskSeg: the {name} callback failed")
 
     def _poll(self) -> None:
+        """The timer's slot: read what the worker appended since the last tick and act on it."""
         start = time.perf_counter()
         try:
-            self._handle(self._run.worker.poll() if self._run else [])
+            if self._run is not None:
+                self._handle(self._run, self._run.worker.poll())
         except Exception as exc:
             self._finish(error=exc)
         self.tickSeconds.append(time.perf_counter() - start)
 
-    def _handle(self, events: list) -> None:
+    def _handle(self, run: _Run, events: list) -> None:
         from MultiTaskSegLib.worker_process import WorkerError
-        run = self._run
         for event in events:
             kind = event.get("event")
             if kind == "progress":
-                self._notify("progress", event.get("stage", ""), float(event.get("fraction", 0.0)))
+                self._notify(run, "progress", event.get("stage", ""), float(event.get("fraction", 0.0)))
             elif kind == "ood":
-                self._notify("ood", event, run.bundle.contexts)
+                self._notify(run, "ood", event, run.bundle.contexts)
             elif kind == "notice":
-                self._notify("notice", event.get("message", ""))
+                self._notify(run, "notice", event.get("message", ""))
             elif kind == "log":
                 logging.info(f"MultiTaskSeg worker: {event.get('message', '')}")
             elif kind == "error":
@@ -271,11 +273,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         run.worker.cleanup()
         if error is not None:
             logging.error(f"MultiTaskSeg: {error}")
-        self._run = run  # for _notify only
-        try:
-            self._notify("finished", outputs, result, error, cancelled)
-        finally:
-            self._run = None
+        self._notify(run, "finished", outputs, result, error, cancelled)
 
     # --- dependencies --------------------------------------------------------------
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
