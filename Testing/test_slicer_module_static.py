@@ -189,3 +189,13 @@ def test_listed_slicer_calls_exist_in_slicer_core():
     for name in PYTHON:
         if name.startswith("slicer.util."):
             assert hasattr(slicer.util, name.rsplit(".", 1)[1]), name
+
+
+def test_sample_data_checksum_matches_the_shipped_file():
+    import hashlib
+    text = SHELL.read_text(encoding="utf-8")
+    declared = re.search(r'SAMPLE_SHA256 = "([0-9a-f]{64})"', text).group(1)
+    sample = MODULE / "Resources" / "SampleData" / "totalseg_ct01.nii.gz"
+    assert hashlib.sha256(sample.read_bytes()).hexdigest() == declared
+    assert "registerCustomSampleDataSource(" in text and 'checksums=f"SHA256:{SAMPLE_SHA256}"' in text
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in text
