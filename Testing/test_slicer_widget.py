@@ -3,6 +3,7 @@ a new input clears the pinned outputs, the uncertainty output is never the input
 applies at once, the quality estimate shows when present, a cancel resets the panel."""
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 from unittest import mock
 
@@ -82,3 +83,21 @@ def test_ood_gauge_and_cancel(widget):
     widget._onFinished(None, None, None, True)
     assert "Cancelled" in widget.ui.statusLabel.text
     widget.gauge.clear.assert_called()
+
+
+def test_declined_install_is_a_calm_message(monkeypatch, widget):
+    """pip_ensure (Slicer 5.12+) raises when the user declines: the Logic turns it into a note, not an error."""
+    import types
+    from MultiTaskSegShell import dependencies
+    calls = []
+
+    def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):
+        calls.append((sorted(str(r) for r in requirements), prompt_install, requester))
+        raise RuntimeError("User declined package installation")
+
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
+    monkeypatch.setattr(dependencies, "_importable", lambda requirement: False)
+    assert widget.logic.ensureDependencies(askConfirmation=True) is False
+    assert calls == [(["safetensors>=0.4", "scipy>=1.10"], True, "MultiTaskSeg")]
+    assert "declined" in widget.logic.dependencyMessage and "Apply again" in widget.logic.dependencyMessage
+    assert dependencies.version_tuple("2.13.0+cpu") == (2, 13) and dependencies.version_tuple("1.13.1") < (2, 1)
