@@ -126,3 +126,10 @@ def test_a_killed_worker_is_reported(image, untrained_bundle):
     finally:
         worker.cleanup()
     assert events[-1]["event"] == "error" and "exit code -9" in events[-1]["message"]
+
+
+def test_a_relative_bundle_path_still_works(image, untrained_bundle, monkeypatch):
+    """The worker runs in the package's folder: a path relative to the caller's folder must be made absolute."""
+    monkeypatch.chdir(untrained_bundle.path.parent)
+    result = predict_in_child(image, untrained_bundle.path.name, CPU, timeout=180)
+    assert result.labels.GetSize() == image.GetSize()

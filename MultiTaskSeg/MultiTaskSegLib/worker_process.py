@@ -34,7 +34,8 @@ class WorkerError(MultiTaskSegError):
 
 
 def worker_arguments(bundle_path: str | Path, options: PredictOptions) -> list[str]:
-    args = ["--bundle", str(bundle_path), "--device", options.device, "--mc-dropout", str(int(options.mc_dropout))]
+    args = ["--bundle", str(Path(bundle_path).resolve()),  # the child runs in another folder
+            "--device", options.device, "--mc-dropout", str(int(options.mc_dropout))]
     if options.tta:
         args.append("--tta")
     if options.modality:
