@@ -1,6 +1,6 @@
 """Static checks of the Slicer module where the Qt GUI cannot run: .ui ↔ Python names,
 CMake packaging completeness, the import layering of DESIGN.md, no inference thread, and the
-Slicer calls against the list of what Slicer 5.8 defines (slicer_api.py)."""
+Slicer calls against the list of what Slicer 5.8 defines (slicer_api.txt)."""
 from __future__ import annotations
 
 import ast
