@@ -20,15 +20,24 @@ if TYPE_CHECKING:  # torch stays unloaded for readers of results (the Slicer mod
     from .predictor import Prediction
 
 
-def output_paths(out: Path, case: str) -> dict[str, Path]:
-    return {"seg": out / f"{case}_seg.nii.gz", "uncertainty": out / f"{case}_uncertainty.nii.gz",
+def output_paths(out: Path, case: str, volume_suffix: str = ".nii.gz") -> dict[str, Path]:
+    return {"seg": out / f"{case}_seg{volume_suffix}", "uncertainty": out / f"{case}_uncertainty{volume_suffix}",
             "report": out / f"{case}.json"}
 
 
-def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dict | None = None) -> dict:
-    """Write labels, uncertainty and the JSON report (each atomically); returns the report."""
-    write_volume(prediction.labels, paths["seg"])
-    write_volume(prediction.uncertainty, paths["uncertainty"])
+def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dict | None = None,
+                    raw: bool = False) -> dict:
+    """Write labels, uncertainty and the JSON report (each atomically); returns the report.
+
+    ``raw``: uncompressed, written in place, for a private folder whose reader waits for the
+    worker's done line (the Slicer module reads them on its GUI thread, where decompressing a
+    large CT would freeze Slicer for seconds). The voxels are the same either way.
+    """
+    for key, image in (("seg", prediction.labels), ("uncertainty", prediction.uncertainty)):
+        if raw:
+            sitk.WriteImage(image, str(paths[key]), useCompression=False)
+        else:
+            write_volume(image, paths[key])
     report = {**prediction.report(), **(extra or {})}
     tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
     tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -100,8 +100,11 @@ def run(args: argparse.Namespace, events: EventWriter) -> dict:
     prediction = predict_with_fallback(lambda device: Predictor(bundle, device), image, options, events.progress,
                                        lambda ood: events.emit("ood", **ood.to_dict()),
                                        lambda text: events.emit("notice", message=text))
-    paths = output_paths(Path(args.output_dir), args.case or case_name(Path(args.input)))
-    report = save_prediction(prediction, paths, {"input": str(args.input), "bundle": str(bundle.path)})
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out, args.case or case_name(Path(args.input)), ".nrrd" if args.raw_outputs else ".nii.gz")
+    report = save_prediction(prediction, paths, {"input": str(args.input), "bundle": str(bundle.path)},
+                             raw=args.raw_outputs)
     outputs = {key: str(path) for key, path in paths.items()}
     events.emit("done", outputs=outputs, report=report)
     return outputs
@@ -120,6 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--restrict-to-context", dest="restrict", action="store_true", default=None)
     p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
     p.add_argument("--cpu-bf16", action="store_true")
+    p.add_argument("--raw-outputs", action="store_true",
+                   help="uncompressed NRRD outputs (for a reader on a GUI thread); default: the files of mtseg predict")
     return p
 
 

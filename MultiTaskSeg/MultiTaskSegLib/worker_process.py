@@ -57,7 +57,7 @@ class WorkerProcess:
         input_path = self.work_dir / "input.nrrd"
         sitk.WriteImage(image, str(input_path), useCompression=False)  # fast; deleted with the folder
         self.command = [python or sys.executable, "-m", "MultiTaskSegLib.worker", "--input", str(input_path),
-                        "--output-dir", str(self.output_dir), "--case", "case",
+                        "--output-dir", str(self.output_dir), "--case", "case", "--raw-outputs",
                         *worker_arguments(bundle_path, options), *extra_args]
         self._events_path, self._stderr_path = self.work_dir / "events.jsonl", self.work_dir / "stderr.log"
         self._offset, self._partial = 0, b""
