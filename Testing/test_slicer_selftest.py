@@ -69,6 +69,9 @@ def test_logic_blocking_call_through_the_worker(shell, scene, untrained_bundle, 
     node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(small_sample)), "crop")
     logic = shell.MultiTaskSegLogic()
     outputs, result = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu", childProcess=True)
-    here, _ = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu")
+    seen = []
+    here, _ = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu",
+                            onOOD=lambda ood, contexts: seen.append((ood["score"], len(contexts))))
+    assert seen and seen[0][1] == len(untrained_bundle.contexts)
     from mrml_helpers import exported_labels
     assert np.array_equal(exported_labels(scene, outputs.segmentation, node), exported_labels(scene, here.segmentation, node))

@@ -144,7 +144,8 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         """Segment ``inputVolume``; blocks until done and returns ``(OutputNodes, SegmentationResult)``.
 
         In this process by default (a CancelledError raised from ``progress`` stops it before the
-        scene is touched); ``childProcess=True`` runs the worker as the GUI does.
+        scene is touched); ``childProcess=True`` runs the worker as the GUI does. ``onOOD(oodDict,
+        bundleContexts)`` as in ``processInBackground``.
         """
         from MultiTaskSegLib.outputs import SegmentationResult
         scene = scene if scene is not None else slicer.mrmlScene
@@ -154,7 +155,8 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         def predictHere(image):
             from MultiTaskSegLib.worker import predict_with_fallback
             prediction = predict_with_fallback(lambda d: self._predictor(bundle, d), image, options, progress,
-                                               onOOD and (lambda ood: onOOD(ood.to_dict())), onNotice or logging.warning)
+                                               onOOD and (lambda ood: onOOD(ood.to_dict(), bundle.contexts)),
+                                               onNotice or logging.warning)
             return SegmentationResult.from_prediction(prediction)
 
         def predictInChild(image):
