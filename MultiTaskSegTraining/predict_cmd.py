@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from MultiTaskSegLib import DEFAULT_BUNDLE
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
+from MultiTaskSegLib.outputs import output_paths, save_prediction
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
-from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume, write_volume
+from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume
 
 from .progress import StageBar
 
@@ -52,11 +51,6 @@ def collect_cases(inputs: list[str]) -> list[tuple[str, Path]]:
     return cases
 
 
-def output_paths(out: Path, case: str) -> dict[str, Path]:
-    return {"seg": out / f"{case}_seg.nii.gz", "uncertainty": out / f"{case}_uncertainty.nii.gz",
-            "report": out / f"{case}.json"}
-
-
 def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     out = Path(args.output_dir)
@@ -79,15 +73,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             image = read_volume(path)
             prediction = predictor.predict(image, options, progress=bar.update)
-            paths = output_paths(out, case)
-            write_volume(prediction.labels, paths["seg"])
-            write_volume(prediction.uncertainty, paths["uncertainty"])
-            report = prediction.report()
-            report["input"] = str(path)
-            report["bundle"] = str(bundle.path)
-            tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
-            tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-            os.replace(tmp, paths["report"])
+            save_prediction(prediction, output_paths(out, case), {"input": str(path), "bundle": str(bundle.path)})
             if args.png:
                 from .snapshot import write_overlay_png
                 colors = {int(l["value"]): l["color"] for l in bundle.labels}

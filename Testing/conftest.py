@@ -6,6 +6,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the module folder, as Slicer puts it on the path: the MRML adapter and the shell's packages live
+# there only (they are not in the pip package)
+sys.path.insert(0, str(ROOT / "MultiTaskSeg"))
 
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(),

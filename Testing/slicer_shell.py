@@ -66,13 +66,19 @@ def _i18n() -> types.ModuleType:
 
 
 def import_shell(monkeypatch, scene) -> types.ModuleType:
-    """The module file, imported with the GUI stand-ins and ``slicer.mrmlScene`` = ``scene``."""
+    """The module file, imported with the GUI stand-ins and ``slicer.mrmlScene`` = ``scene``.
+
+    ``slicer.app`` stays absent, as under PythonSlicer: the Logic then runs the worker with this
+    interpreter instead of looking for the PythonSlicer launcher.
+    """
     import slicer
     for name, module in (("qt", _gui_module("qt")), ("ctk", _gui_module("ctk")),
                          ("slicer.ScriptedLoadableModule", _scripted_loadable_module()),
                          ("slicer.parameterNodeWrapper", _parameter_node_wrapper()),
                          ("slicer.i18n", _i18n())):
         monkeypatch.setitem(sys.modules, name, module)
+    for name in [n for n in sys.modules if n.split(".")[0] == "MultiTaskSegShell"]:
+        monkeypatch.delitem(sys.modules, name)  # re-import the Logic over these stand-ins
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     spec = importlib.util.spec_from_file_location("MultiTaskSeg", MODULE_FILE)
     shell = importlib.util.module_from_spec(spec)

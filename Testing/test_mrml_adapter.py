@@ -12,11 +12,20 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
-from MultiTaskSegLib import mrml_adapter as adapter  # noqa: E402
 from MultiTaskSegLib.errors import CancelledError, InputVolumeError  # noqa: E402
+from MultiTaskSegLib.outputs import SegmentationResult  # noqa: E402
 from MultiTaskSegLib.predictor import PredictOptions, Predictor  # noqa: E402
+from MultiTaskSegMRML import adapter  # noqa: E402
+from mrml_helpers import exported_labels, node_ids  # noqa: E402
 
 CPU = PredictOptions(device="cpu")
+
+
+def segment(scene, node, predictor, progress=None, **outputs):
+    """adapter.segment_node with an in-process prediction (what the Logic's blocking call does)."""
+    def predict(image):
+        return SegmentationResult.from_prediction(predictor.predict(image, CPU, progress=progress))
+    return adapter.segment_node(scene, node, predict, predictor.bundle.labels, **outputs)
 
 
 def oblique_image() -> sitk.Image:
@@ -35,10 +44,6 @@ def oblique_image() -> sitk.Image:
     return image
 
 
-def node_ids(scene) -> list[str]:
-    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
-
-
 @pytest.fixture(scope="module")
 def predictor(untrained_bundle):
     return Predictor(untrained_bundle, "cpu")
@@ -49,28 +54,6 @@ def scene_and_input():
     scene = slicer.vtkMRMLScene()
     node = adapter.add_volume_node_from_image(scene, oblique_image(), "patient 1")
     return scene, node
-
-
-def exported_labels(scene, segmentation_node, reference_node) -> np.ndarray:
-    """Segments exported by Slicer's logic onto the reference grid, mapped back to bundle label values."""
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segmentation.GetSegmentIDs())
-    id_array = vtk.vtkStringArray()
-    for segment_id in ids:
-        id_array.InsertNextValue(segment_id)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
-    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, labelmap,
-                                                                                reference_node)
-    assert ok
-    assert np.allclose(adapter.node_ijk_to_ras(labelmap), adapter.node_ijk_to_ras(reference_node))
-    image_data = labelmap.GetImageData()
-    exported = vtk.util.numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
-    exported = exported.reshape(image_data.GetDimensions()[::-1])
-    values = [adapter.segment_label_value(segmentation.GetSegment(i)) for i in ids]
-    lut = np.zeros(len(ids) + 1, np.uint8)
-    lut[1:] = values  # exported value k+1 ↔ k-th segment id
-    scene.RemoveNode(labelmap)
-    return lut[exported]
 
 
 def test_geometry_round_trip_oblique_anisotropic(scene_and_input):
@@ -101,7 +84,7 @@ def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predicto
     cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "patient1_seg.nii.gz")))
     report = json.loads((tmp_path / "out" / "patient1.json").read_text(encoding="utf-8"))
 
-    outputs, prediction = adapter.segment_volume_node(scene, node, predictor, CPU)
+    outputs, result = segment(scene, node, predictor)
     seg_node = outputs.segmentation
     assert seg_node.GetName() == "patient 1 segmentation"
     assert np.array_equal(exported_labels(scene, seg_node, node), cli_labels)
@@ -113,8 +96,8 @@ def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predicto
     assert [s.GetName() for s in segments] == [l["name"] for l in untrained_bundle.labels]
     liver = segments[0]
     assert np.allclose(liver.GetColor(), np.array(untrained_bundle.labels[0]["color"]) / 255.0)
-    assert "SCT^10200004^Liver" in liver.GetTerminology()
-    assert liver.GetTerminology().split("~")[1] == "SCT^123037004^Anatomical Structure"
+    assert "SCT^10200004^Liver" in adapter.segment_terminology(liver)
+    assert adapter.segment_terminology(liver).split("~")[1] == "SCT^123037004^Anatomical Structure"
     # reference geometry from the input
     ref = seg_node.GetSegmentation().GetConversionParameter("Reference image geometry")
     assert ref, "segmentation has no reference geometry"
@@ -144,20 +127,22 @@ def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predicto
     assert sh.GetItemParent(sh.GetItemByDataNode(unc)) == parent
 
     # results table data
-    assert set(prediction.volumes_ml) == {l["name"] for l in untrained_bundle.labels}
+    assert set(result.report["volumes_ml"]) == {l["name"] for l in untrained_bundle.labels}
+    # today's bundle gives no quality estimate: no quality attributes
+    assert seg_node.GetAttribute(adapter.ATTR_EXPECTED_DICE) is None
 
 
 def test_rerun_with_chosen_outputs_does_not_duplicate(predictor, scene_and_input):
     scene, node = scene_and_input
-    first, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    first, _ = segment(scene, node, predictor)
     before = node_ids(scene)
-    second, _ = adapter.segment_volume_node(scene, node, predictor, CPU, segmentation_node=first.segmentation,
-                                            uncertainty_node=first.uncertainty)
+    second, _ = segment(scene, node, predictor, segmentation_node=first.segmentation,
+                        uncertainty_node=first.uncertainty)
     assert node_ids(scene) == before
     assert second.segmentation is first.segmentation and second.uncertainty is first.uncertainty
     assert first.segmentation.GetSegmentation().GetNumberOfSegments() == len(predictor.bundle.labels)
     # without chosen outputs, existing nodes are left alone and new ones are made
-    third, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    third, _ = segment(scene, node, predictor)
     assert third.segmentation.GetID() != first.segmentation.GetID()
     assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 1  # shared colour table
 
@@ -173,7 +158,7 @@ def test_cancel_leaves_scene_unchanged(predictor, scene_and_input):
             raise CancelledError()
 
     with pytest.raises(CancelledError):
-        adapter.segment_volume_node(scene, node, predictor, CPU, progress=cancel_during_inference)
+        segment(scene, node, predictor, progress=cancel_during_inference)
     assert node_ids(scene) == before
     assert len(calls) >= 2
 
@@ -197,7 +182,7 @@ def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
         message = "empty"
     before = node_ids(scene)
     with pytest.raises(InputVolumeError, match=message):
-        adapter.segment_volume_node(scene, node, predictor, CPU)
+        segment(scene, node, predictor)
     assert node_ids(scene) == before
 
 
@@ -216,9 +201,52 @@ def test_terminology_string_format():
 
 def test_show_results_without_application(predictor, scene_and_input):
     scene, node = scene_and_input
-    outputs, _ = adapter.segment_volume_node(scene, node, predictor, CPU)
+    outputs, _ = segment(scene, node, predictor)
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-    adapter.show_results(scene, node, outputs, opacity=0.35)
+    adapter.show_results(scene, node, outputs.segmentation, outputs.uncertainty, opacity=0.35)
     assert composite.GetForegroundVolumeID() == outputs.uncertainty.GetID()
     assert composite.GetBackgroundVolumeID() == node.GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.35)
+    adapter.set_uncertainty_opacity(scene, outputs.uncertainty, 0.8)  # the slider applies at once
+    assert composite.GetForegroundOpacity() == pytest.approx(0.8)
+
+
+def test_quality_estimate_lands_on_the_node_when_present(predictor, scene_and_input):
+    """The trust branch's report gains a "quality" block; the adapter shows it, and copes without it."""
+    scene, node = scene_and_input
+
+    def with_quality(flag: bool):
+        def predict(image):
+            result = SegmentationResult.from_prediction(predictor.predict(image, CPU))
+            result.report["quality"] = {"expected_dice": 0.6234, "per_structure": {"liver": 0.6}, "flag": flag}
+            return result
+        return predict
+
+    outputs, result = adapter.segment_node(scene, node, with_quality(True), predictor.bundle.labels)
+    seg = outputs.segmentation
+    assert float(seg.GetAttribute(adapter.ATTR_EXPECTED_DICE)) == pytest.approx(0.6234, abs=1e-4)
+    assert seg.GetAttribute(adapter.ATTR_QUALITY_FLAG) == "true"
+    assert adapter.quality_text(result.report) == "expected Dice 0.62 — review before use"
+    outputs, result = adapter.segment_node(scene, node, with_quality(False), predictor.bundle.labels)
+    assert outputs.segmentation.GetAttribute(adapter.ATTR_QUALITY_FLAG) == "false"
+    assert adapter.quality_text(result.report) == "expected Dice 0.62"
+    assert adapter.quality_text({"ood": {}}) is None
+
+
+def test_paired_organs_use_slicer_laterality_modifier():
+    """Slicer's tables code a kidney as SCT Kidney + a Right/Left modifier (as SlicerTotalSegmentator does)."""
+    specs = adapter.segment_specs([{"value": 1, "name": "right kidney", "color": [1, 2, 3]},
+                                   {"value": 2, "name": "left kidney", "color": [1, 2, 3]}])
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(specs[0]["terminology"], parsed)
+    assert parsed.GetTypeObject().GetCodeValue() == "64033007"
+    assert parsed.GetTypeModifierObject().GetCodeValue() == "24028007"
+    assert "SCT^7771000^Left" in specs[1]["terminology"]
+
+
+def test_uncertainty_output_cannot_be_the_input(predictor, scene_and_input):
+    scene, node = scene_and_input
+    before = node_ids(scene)
+    with pytest.raises(ValueError, match="cannot be the input"):
+        segment(scene, node, predictor, uncertainty_node=node)
+    assert node_ids(scene) == before

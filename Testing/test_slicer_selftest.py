@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
 from MultiTaskSegLib.errors import BundleError  # noqa: E402
-from MultiTaskSegLib.mrml_selftest import default_bundle_missing_reason, run_selftest  # noqa: E402
+from MultiTaskSegMRML.selftest import default_bundle_missing_reason, run_selftest  # noqa: E402
 from slicer_shell import import_shell  # noqa: E402
 
 
@@ -63,38 +63,15 @@ def test_logic_reports_invalid_model_folder_clearly(shell, tmp_path):
             logic.loadBundle(None)
 
 
-def test_logic_background_run_and_cancel(shell, scene, untrained_bundle, small_sample):
-    """processInBackground with the poll timer driven by hand (the timer is Qt's)."""
-    from MultiTaskSegLib import mrml_adapter
-    node = mrml_adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(small_sample)), "crop")
+def test_logic_blocking_call_through_the_worker(shell, scene, untrained_bundle, small_sample):
+    """Logic.process(childProcess=True): the script path through the same worker as the GUI."""
+    from MultiTaskSegMRML import adapter
+    node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(small_sample)), "crop")
     logic = shell.MultiTaskSegLogic()
-    before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
-
-    def run(cancel: bool) -> dict:
-        seen: dict = {"progress": [], "ood": [], "finished": None}
-        logic.processInBackground(node, modelPath=str(untrained_bundle.path), device="cpu",
-                                  onProgress=lambda s, f: seen["progress"].append(s),
-                                  onOOD=lambda ood, contexts: seen["ood"].append(ood),
-                                  onFinished=lambda *args: seen.__setitem__("finished", args))
-        assert logic.isRunning()
-        if cancel:
-            logic.cancel()
-        poll = logic._timer.connect.call_args[0][1]  # the slot the QTimer would call
-        logic._job.wait(120)
-        poll()
-        assert not logic.isRunning()
-        return seen
-
-    seen = run(cancel=True)
-    outputs, prediction, error, cancelled = seen["finished"]
-    assert cancelled and outputs is None and error is None
-    assert sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())) == before
-
-    seen = run(cancel=False)
-    outputs, prediction, error, cancelled = seen["finished"]
-    assert error is None and not cancelled
-    assert seen["ood"] and seen["progress"][-1] == "done"
-    assert seen["progress"].index("resample") > 0  # OOD was reported before resampling finished
-    assert outputs.segmentation.GetName() == "crop segmentation"
-    labels = np.unique(sitk.GetArrayFromImage(prediction.labels))
-    assert outputs.segmentation.GetSegmentation().GetNumberOfSegments() == len(untrained_bundle.labels) >= len(labels) - 1
+    outputs, result = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu", childProcess=True)
+    seen = []
+    here, _ = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu",
+                            onOOD=lambda ood, contexts: seen.append((ood["score"], len(contexts))))
+    assert seen and seen[0][1] == len(untrained_bundle.contexts)
+    from mrml_helpers import exported_labels
+    assert np.array_equal(exported_labels(scene, outputs.segmentation, node), exported_labels(scene, here.segmentation, node))

@@ -1,7 +1,5 @@
 """The body of the module's self-test, free of Qt so that it runs both in Slicer
 (``MultiTaskSegTest``) and under pytest with slicer-core (Testing/test_slicer_selftest.py).
-
-Part of the MRML adapter layer (it takes a scene), not of the core.
 """
 from __future__ import annotations
 
@@ -12,10 +10,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import DEFAULT_BUNDLE, SAMPLE_VOLUME
-from . import mrml_adapter as adapter
-from .errors import CancelledError
-from .volume_io import read_volume
+from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME
+from MultiTaskSegLib.errors import CancelledError
+from MultiTaskSegLib.volume_io import read_volume
+
+from . import adapter
 
 #: The issue asks for the self-test to finish within a minute on CPU.
 TIME_LIMIT_S = 60.0
@@ -43,7 +42,7 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
     """Segment the sample volume with ``process`` (the module logic's blocking call) and check the scene.
 
     ``process(inputVolume, modelPath=…, device=…, scene=…, segmentationNode=…, uncertaintyNode=…,
-    progress=…, showResults=False)`` must return ``(OutputNodes, Prediction)``.
+    progress=…, showResults=False)`` must return ``(OutputNodes, SegmentationResult)``.
     """
     log("Loading the sample volume")
     image = read_volume(sample_path)
@@ -52,7 +51,7 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
     log("Segmenting on CPU")
     stages = []
     start = time.perf_counter()
-    outputs, prediction = process(input_node, modelPath=str(bundle_path), device="cpu", scene=scene,
+    outputs, result = process(input_node, modelPath=str(bundle_path), device="cpu", scene=scene,
                                   progress=lambda stage, fraction: stages.append(stage), showResults=False)
     elapsed = time.perf_counter() - start
     log(f"Segmented in {elapsed:.1f} s")
@@ -64,11 +63,11 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
     _check(seg_node.GetName() == "MultiTaskSegSample segmentation", f"unexpected name {seg_node.GetName()!r}")
     segmentation = seg_node.GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-    _check(names == [prediction.label_names[v] for v in sorted(prediction.label_names)],
-           f"segments {names} do not match the model's labels")
+    label_names = {int(v): name for v, name in result.report["labels"].items()}
+    _check(names == [label_names[v] for v in sorted(label_names)], f"segments {names} do not match the model's labels")
     for i in range(segmentation.GetNumberOfSegments()):
-        _check(bool(segmentation.GetNthSegment(i).GetTerminology()), f"segment {names[i]} has no terminology")
-    _check(sum(prediction.volumes_ml.values()) > 0, "nothing was segmented in the sample volume")
+        _check(bool(adapter.segment_terminology(segmentation.GetNthSegment(i))), f"segment {names[i]} has no terminology")
+    _check(sum(result.report["volumes_ml"].values()) > 0, "nothing was segmented in the sample volume")
 
     _check(np.allclose(adapter.node_ijk_to_ras(unc_node), adapter.node_ijk_to_ras(input_node)),
            "the uncertainty volume is not on the input grid")
@@ -98,4 +97,4 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
         pass
     _check(_node_ids(scene) == before, "a cancelled run changed the scene")
     log("Self-test passed")
-    return {"elapsed_s": elapsed, "ood": prediction.ood.to_dict(), "volumes_ml": prediction.volumes_ml}
+    return {"elapsed_s": elapsed, "ood": result.report["ood"], "volumes_ml": result.report["volumes_ml"]}

@@ -1,16 +1,15 @@
-"""Qt-free parts of the Slicer module: OOD gauge geometry, device fallback, the background job."""
+"""Qt-free parts of the Slicer module: OOD gauge geometry and the worker's device fallback
+(the worker as a child process: test_worker_process.py)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from MultiTaskSegLib import background
-from MultiTaskSegLib.background import PredictionJob, predict_with_fallback, resolve_device
+from MultiTaskSegLib import worker
+from MultiTaskSegLib.worker import predict_with_fallback, resolve_device
 from MultiTaskSegLib.ood_gauge import (BORDERLINE, IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, context_description,
                                        gauge_layout)
-from MultiTaskSegLib.predictor import PredictOptions, Predictor
+from MultiTaskSegLib.predictor import PredictOptions
 
 
 # --- gauge ---------------------------------------------------------------------------
@@ -57,7 +56,7 @@ def test_resolve_device_falls_back_to_cpu_with_notice():
 
 
 def test_cuda_out_of_memory_reruns_on_cpu(monkeypatch):
-    monkeypatch.setattr(background, "resolve_device", lambda requested: ("cuda", None))
+    monkeypatch.setattr(worker, "resolve_device", lambda requested: ("cuda", None))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     calls, notices = [], []
 
@@ -89,44 +88,28 @@ def test_other_errors_are_not_swallowed(monkeypatch):
         predict_with_fallback(Broken, None, PredictOptions(device="cpu"))
 
 
-# --- background job ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_image():
-    rng = np.random.default_rng(0)
-    image = sitk.GetImageFromArray((rng.normal(size=(12, 16, 16)) * 50).astype(np.float32))
-    image.SetSpacing((4.0, 3.0, 3.0))
-    return image
-
-
-def test_job_reports_ood_before_done_and_result(untrained_bundle, tiny_image):
-    job = PredictionJob(lambda device: Predictor(untrained_bundle, device), tiny_image, PredictOptions("cpu")).start()
-    assert job.wait(120)
-    kinds = [e.kind for e in job.poll()]
-    assert kinds[-1] == "done"
-    assert kinds.index("ood") < len(kinds) - 1 and "progress" in kinds
-
-
-def test_job_cancel_stops_without_result(untrained_bundle, tiny_image):
-    job = PredictionJob(lambda device: Predictor(untrained_bundle, device), tiny_image, PredictOptions("cpu"))
-    job.cancel()  # before it starts: the first progress report stops it
-    job.start()
-    assert job.wait(60)
-    kinds = [e.kind for e in job.poll()]
-    assert kinds == ["cancelled"]
-
-
-def test_job_reports_errors(tiny_image):
-    def factory(device):
-        raise RuntimeError("no model")
-
-    job = PredictionJob(factory, tiny_image, PredictOptions("cpu")).start()
-    assert job.wait(30)
-    events = job.poll()
-    assert [e.kind for e in events] == ["error"] and "no model" in str(events[0].payload)
-
-
 def test_gauge_without_a_threshold_shows_the_score_unflagged():
     from MultiTaskSegLib.ood_gauge import UNKNOWN, gauge_layout
     layout = gauge_layout(0.3, float("inf"), "BrainMR")
     assert layout.state == UNKNOWN and "no OOD threshold" in layout.score_text
     assert layout.context_text == "resembles: BrainMR"
+
+
+def test_fallback_keeps_every_option(monkeypatch):
+    """The device is replaced, nothing else is dropped (cpu_bf16 used to be lost)."""
+    monkeypatch.setattr(worker, "resolve_device", lambda requested: ("cpu", None))
+    seen = []
+
+    class Recorder:
+        def __init__(self, device):
+            pass
+
+        def predict(self, image, options, progress=None, on_ood=None):
+            seen.append(options)
+            return "prediction"
+
+    options = PredictOptions(device="auto", tta=True, mc_dropout=2, modality="MR", restrict_to_context=False,
+                             cpu_bf16=True)
+    predict_with_fallback(Recorder, None, options)
+    assert seen[0] == PredictOptions("cpu", True, 2, "MR", False, cpu_bf16=True)
+    assert options.device == "auto"  # the caller's options are not changed

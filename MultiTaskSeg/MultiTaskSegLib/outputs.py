@@ -1,0 +1,64 @@
+"""The files a prediction leaves behind, written by `mtseg predict` and the worker alike, and read back.
+
+``OUT/<case>_seg.nii.gz`` (uint8 labels), ``OUT/<case>_uncertainty.nii.gz`` (float32 in [0, 1]),
+both on the input grid, and ``OUT/<case>.json`` (the report, DESIGN.md). One writer, so what the
+Slicer module loads is exactly what the command line writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import SimpleITK as sitk
+
+from .volume_io import write_volume
+
+if TYPE_CHECKING:  # torch stays unloaded for readers of results (the Slicer module imports this without torch)
+    from .predictor import Prediction
+
+
+def output_paths(out: Path, case: str, volume_suffix: str = ".nii.gz") -> dict[str, Path]:
+    return {"seg": out / f"{case}_seg{volume_suffix}", "uncertainty": out / f"{case}_uncertainty{volume_suffix}",
+            "report": out / f"{case}.json"}
+
+
+def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dict | None = None,
+                    raw: bool = False) -> dict:
+    """Write labels, uncertainty and the JSON report (each atomically); returns the report.
+
+    ``raw``: uncompressed, written in place, for a private folder whose reader waits for the
+    worker's done line (the Slicer module reads them on its GUI thread, where decompressing a
+    large CT would freeze Slicer for seconds). The voxels are the same either way.
+    """
+    for key, image in (("seg", prediction.labels), ("uncertainty", prediction.uncertainty)):
+        if raw:
+            sitk.WriteImage(image, str(paths[key]), useCompression=False)
+        else:
+            write_volume(image, paths[key])
+    report = {**prediction.report(), **(extra or {})}
+    tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, paths["report"])
+    return report
+
+
+@dataclass
+class SegmentationResult:
+    """What the scene needs from a prediction, wherever it ran: two images on the input grid + the report."""
+    labels: sitk.Image  # uint8
+    uncertainty: sitk.Image  # float32 in [0, 1]
+    report: dict  # the JSON report: ood, quality (when the bundle estimates it), context, volumes_ml, …
+
+    @classmethod
+    def from_prediction(cls, prediction: "Prediction") -> "SegmentationResult":
+        return cls(prediction.labels, prediction.uncertainty, prediction.report())
+
+    @classmethod
+    def read(cls, paths: dict[str, str | Path], report: dict | None = None) -> "SegmentationResult":
+        """Read the files ``save_prediction`` wrote (the report from its file unless given)."""
+        if report is None:
+            report = json.loads(Path(paths["report"]).read_text(encoding="utf-8"))
+        return cls(sitk.ReadImage(str(paths["seg"])), sitk.ReadImage(str(paths["uncertainty"])), report)
