@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,7 +16,7 @@ import torch
 from .bundle import Bundle
 from .errors import InputVolumeError, MultiTaskSegError
 from .fast_inference import prepare_for_cpu_inference
-from .inference import ProgressCallback, WindowConfig, select_device, sliding_window
+from .inference import ProgressCallback, WindowConfig, WindowResult, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .preprocessing import grid_to_input, preprocess
@@ -77,7 +77,37 @@ class Predictor:
         self.context_labels = [list(c["labels"]) for c in bundle.contexts]
         self.inference_meta = bundle.meta.get("inference", {})
 
-    def _recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
+    # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
+    def window_config(self, options: PredictOptions) -> WindowConfig:
+        return WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
+                            options.cpu_bf16)
+
+    def network_pass(self, array: np.ndarray, window: WindowConfig, taps: Sequence[str] | None = None,
+                     progress: ProgressCallback | None = None, stage: str = "inference") -> WindowResult:
+        """One sliding-window pass: blended logits, context logits and the Gram matrices of ``taps``
+        (default: the detector's layers)."""
+        return sliding_window(self.model, array, window, self.device,
+                              self.detector.layers if taps is None else taps, progress, stage=stage)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled softmax over the class axis."""
+        return softmax_with_temperature(logits, self.bundle.temperature)
+
+    def mc_dropout_average(self, probs: torch.Tensor, array: np.ndarray, window: WindowConfig, n: int,
+                           progress: ProgressCallback | None = None) -> torch.Tensor:
+        """Average ``probs`` (the deterministic pass, counted as one sample) with ``n`` dropout passes, in place."""
+        enable_mc_dropout(self.model, True)
+        try:
+            for k in range(n):
+                sample = self.network_pass(array, window, (), progress, stage=f"mc dropout {k + 1}/{n}")
+                probs += self.probabilities(sample.logits)
+        finally:
+            enable_mc_dropout(self.model, False)
+        probs /= n + 1
+        return probs
+
+    def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
+        """Index of the context: the context head's argmax, or the nearest training signature's context."""
         if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
@@ -97,9 +127,8 @@ class Predictor:
         timings["preprocess"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        window = WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
-                              options.cpu_bf16)
-        result = sliding_window(self.model, pre.array, window, self.device, self.detector.layers, report)
+        window = self.window_config(options)
+        result = self.network_pass(pre.array, window, progress=report)
         timings["inference"] = time.perf_counter() - t
         timings["ood_gram"] = result.gram_s  # part of "inference": the OOD signature's Gram accumulation
 
@@ -111,21 +140,13 @@ class Predictor:
             on_ood(ood)
 
         t = time.perf_counter()
-        probs = softmax_with_temperature(result.logits, self.bundle.temperature)  # the labels need it too
+        probs = self.probabilities(result.logits)  # the labels need it too
         timings["probabilities"] = time.perf_counter() - t
 
         t = time.perf_counter()
         if options.mc_dropout > 0:
-            enable_mc_dropout(self.model, True)
-            try:
-                for k in range(options.mc_dropout):
-                    sample = sliding_window(self.model, pre.array, window, self.device, (), report,
-                                            stage=f"mc dropout {k + 1}/{options.mc_dropout}")
-                    probs += softmax_with_temperature(sample.logits, self.bundle.temperature)
-            finally:
-                enable_mc_dropout(self.model, False)
-            probs /= options.mc_dropout + 1
-        context_index = self._recognise_context(result.context_logits, ood)
+            probs = self.mc_dropout_average(probs, pre.array, window, options.mc_dropout, report)
+        context_index = self.recognise_context(result.context_logits, ood)
         restrict = options.restrict_to_context
         if restrict is None:
             restrict = bool(self.inference_meta.get("restrict_to_context", False))
@@ -137,7 +158,7 @@ class Predictor:
 
         t = time.perf_counter()
         report("resample", 0.0)
-        labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image, timings)
+        labels, uncertainty = self.to_input_grid(probs, entropy, pre.grid, image, timings)
         if restrict:
             restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
@@ -187,6 +208,8 @@ class Predictor:
         if timings is not None:
             timings["resample_uncertainty"] = time.perf_counter() - t  # part of "resample"
         return labels, uncertainty.astype(np.float32, copy=False)
+
+    to_input_grid = _to_input_grid  # the public name of the stage
 
 
 def predict_image(bundle: Bundle, image: sitk.Image, options: PredictOptions | None = None) -> Prediction:
