@@ -7,7 +7,7 @@ bottleneck features all come from that one pass. Then:
 
 Segmentation (on the ORIGINAL image grid, exactly as `mtseg predict` makes labels)
     Labels are the argmax of the temperature-scaled probabilities resampled onto the input
-    grid (``Predictor._to_input_grid``), without and with restriction to the recognised
+    grid (``Predictor.to_input_grid``), without and with restriction to the recognised
     context's structures. Only the structures the case's dataset annotates are scored; the
     dataset's local label values are mapped to the bundle's outputs by name within the
     dataset's context. Dice = 2|A∩B| / (|A|+|B|): ``None`` when both masks are empty, 0

@@ -19,6 +19,7 @@ from .fast_inference import prepare_for_cpu_inference
 from .inference import ProgressCallback, WindowConfig, WindowResult, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
+from .quality import QualityResult, structure_evidence
 from .preprocessing import grid_to_input, preprocess
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import array_to_image, validate_volume
@@ -49,10 +50,12 @@ class Prediction:
     timings_s: dict[str, float] = field(default_factory=dict)
     signature: np.ndarray | None = None
     probabilities: torch.Tensor | None = None  # canonical grid, kept only on request
+    quality: QualityResult | None = None  # None when the bundle has no quality model (older bundles)
 
     def report(self) -> dict:
         """The JSON report written beside the outputs (DESIGN.md keys plus extras)."""
-        return {"ood": self.ood.to_dict(), "labels": {str(k): v for k, v in self.label_names.items()},
+        return {"ood": self.ood.to_dict(), "quality": self.quality.to_dict() if self.quality else None,
+                "labels": {str(k): v for k, v in self.label_names.items()},
                 "volumes_ml": self.volumes_ml, "mean_uncertainty": self.mean_uncertainty,
                 "mean_uncertainty_per_label": self.mean_uncertainty_per_label,
                 "context": self.context, "modality": self.modality, "device": self.device,
@@ -72,6 +75,7 @@ class Predictor:
         if self.device.type == "cpu":
             prepare_for_cpu_inference(self.model)
         self.detector = bundle.detector()
+        self.quality_model = bundle.quality_model()
         self.window: WindowConfig = bundle.window
         self.preprocessing = bundle.preprocessing
         self.context_labels = [list(c["labels"]) for c in bundle.contexts]
@@ -111,6 +115,21 @@ class Predictor:
         if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
+
+    def assess_quality(self, probs: torch.Tensor, entropy: torch.Tensor, context_index: int,
+                       context_logits: np.ndarray | None, ood: OODResult) -> QualityResult | None:
+        """Expected Dice of the recognised context's structures (canonical grid; None without a quality model)."""
+        if self.quality_model is None:
+            return None
+        allowed = self.context_labels[context_index]
+        labels = restrict_labels(probs.argmax(0).numpy().astype(np.uint8), allowed)
+        voxel_ml = float(np.prod(self.preprocessing.target_spacing)) / 1000.0
+        evidence = structure_evidence(probs, labels, entropy, allowed, voxel_ml)
+        confidence = 1.0
+        if context_logits is not None:
+            confidence = float(torch.softmax(torch.as_tensor(context_logits, dtype=torch.float64), 0)[context_index])
+        ood_z = ood.score / ood.threshold if np.isfinite(ood.threshold) and ood.threshold > 0 else 0.0
+        return self.quality_model.assess(evidence, self.bundle.label_names, ood_z, confidence, ood.is_ood)
 
     def predict(self, image: sitk.Image, options: PredictOptions | None = None,
                 progress: ProgressCallback | None = None,
@@ -157,6 +176,10 @@ class Predictor:
         timings["uncertainty"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        quality = self.assess_quality(probs, entropy, context_index, result.context_logits, ood)
+        timings["quality"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         report("resample", 0.0)
         labels, uncertainty = self.to_input_grid(probs, entropy, pre.grid, image, timings)
         if restrict:
@@ -177,7 +200,7 @@ class Predictor:
         return Prediction(label_image, unc_image, ood, self.bundle.context_names[context_index], names, volumes,
                           float(uncertainty.mean()), per_label, pre.modality, str(self.device),
                           {k: round(v, 3) for k, v in timings.items()}, signature,
-                          probs if keep_probabilities else None)
+                          probs if keep_probabilities else None, quality)
 
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
