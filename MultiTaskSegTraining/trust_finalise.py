@@ -76,8 +76,8 @@ def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path
         output.mkdir(parents=True, exist_ok=True)
         for f in staged.iterdir():
             if f.name != META_FILE:
-                shutil.copy2(f, output / f.name)
-        shutil.copy2(staged / META_FILE, output / META_FILE)  # last: the hashes name files already in place
+                shutil.copyfile(f, output / f.name)
+        shutil.copyfile(staged / META_FILE, output / META_FILE)  # last: the hashes name files already in place
     load_bundle(output)  # hash check of what was written
     log(f"wrote {output}: detector {det.name} threshold {det.threshold:.3f}, quality model on "
         f"{quality.fitted_on}")

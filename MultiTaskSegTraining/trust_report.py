@@ -21,9 +21,10 @@ from .ood_baselines import SizeControlDetector
 from .trust_fit import case_dice, case_of, fit_detector, fit_quality, log_volume_stats, loo_scores, signature_rows
 from .trust_metrics import failure_table, ood_table, risk_coverage
 
-LAYER_SETS = {"enc3+enc4": ["enc3", "enc4"], "enc0-enc4": ["enc0", "enc1", "enc2", "enc3", "enc4"],
-              "enc0+enc1": ["enc0", "enc1"], "all": None}  # None = every layer of the model
-DEFAULT_LAYERS = "enc0-enc4"
+LAYER_SETS = {"enc3+enc4": ["enc3", "enc4"], "enc4": ["enc4"], "enc2-enc4": ["enc2", "enc3", "enc4"],
+              "enc0-enc4": ["enc0", "enc1", "enc2", "enc3", "enc4"], "enc0+enc1": ["enc0", "enc1"],
+              "all": None}  # None = every layer of the model
+DEFAULT_LAYERS = "enc3+enc4"
 FIT_FAMILIES = ("fit", "fit_shift")
 
 
@@ -114,6 +115,9 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
             tables["false_alarms"].setdefault(f, {})[ctx] = {
                 "n": int(m.sum()), "ood_flag": float(flagged[m].mean()), "quality_flag": float(scores["flag"][m].mean()),
                 "shipped_flag": float(np.mean([rest[i]["shipped_is_ood"] for i in np.flatnonzero(m)]))}
+    tables["flagged"] = {f: {"n": int((fam == f).sum()), "ood_flag": float(flagged[fam == f].mean()),
+                             "quality_flag": float(scores["flag"][fam == f].mean())}
+                         for f in sorted(set(fam))}
     tables["shift_by_kind"] = {}
     for i in np.flatnonzero(fam == "shift"):
         kind = f"{rest[i]['corruption'][0]}{rest[i]['corruption'][1]}"
@@ -218,6 +222,10 @@ def markdown(t: dict) -> str:
         for ctx, v in per.items():
             lines.append(f"| {fam} | {ctx} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} | "
                          f"{_f(v['shipped_flag'], 2)} |")
+    lines += ["", "Share flagged per family (new detector / quality flag):", "",
+              "| family | n | OOD flag | quality flag |", "|---|---|---|---|"]
+    for fam, v in t["flagged"].items():
+        lines.append(f"| {fam} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} |")
     lines += ["", "Artefacts (mean over corrupted test cases):", "",
               "| artefact | Dice drop | OOD flag | quality flag |", "|---|---|---|---|"]
     for kind, v in sorted(t["shift_by_kind"].items()):
