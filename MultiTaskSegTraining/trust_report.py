@@ -26,6 +26,8 @@ LAYER_SETS = {"enc3+enc4": ["enc3", "enc4"], "enc4": ["enc4"], "enc2-enc4": ["en
               "all": None}  # None = every layer of the model
 DEFAULT_LAYERS = "enc3+enc4"
 FIT_FAMILIES = ("fit", "fit_shift")
+PER_CONTEXT_SCORES = ("spectral:enc3+enc4 (shipped)", f"spectral-ctx:{DEFAULT_LAYERS}", "entropy_in_structures",
+                      "1-expected_dice")
 
 
 def _layers(name: str, records: Sequence[dict]) -> list[str]:
@@ -118,6 +120,12 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     tables["flagged"] = {f: {"n": int((fam == f).sum()), "ood_flag": float(flagged[fam == f].mean()),
                              "quality_flag": float(scores["flag"][fam == f].mean())}
                          for f in sorted(set(fam))}
+    tables["shift_by_context"] = {}
+    ds = np.asarray([r["dataset"] or "" for r in rest])
+    for ctx in sorted(set(ds[fam == "shift"])):
+        pos, neg = (fam == "shift") & (ds == ctx) & (drop > 0.1), (fam == "id") & (ds == ctx)
+        tables["shift_by_context"][ctx] = ood_table({k: scores[k] for k in PER_CONTEXT_SCORES}, neg,
+                                                    {"shift (Dice drop > 0.1)": pos})["shift (Dice drop > 0.1)"]
     tables["shift_by_kind"] = {}
     for i in np.flatnonzero(fam == "shift"):
         kind = f"{rest[i]['corruption'][0]}{rest[i]['corruption'][1]}"
@@ -226,6 +234,12 @@ def markdown(t: dict) -> str:
               "| family | n | OOD flag | quality flag |", "|---|---|---|---|"]
     for fam, v in t["flagged"].items():
         lines.append(f"| {fam} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} |")
+    lines += ["", "Shift per context (AUROC, the context's corrupted test cases with Dice drop > 0.1 vs its test cases; "
+                  "n positive / negative):", "", "| context | " + " | ".join(PER_CONTEXT_SCORES) + " |",
+              "|---" * (len(PER_CONTEXT_SCORES) + 1) + "|"]
+    for ctx, v in t["shift_by_context"].items():
+        cells = [f"{_f(v[k]['auroc'])} ({v[k]['n_ood']}/{v[k]['n_in_distribution']})" for k in PER_CONTEXT_SCORES]
+        lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
     lines += ["", "Artefacts (mean over corrupted test cases):", "",
               "| artefact | Dice drop | OOD flag | quality flag |", "|---|---|---|---|"]
     for kind, v in sorted(t["shift_by_kind"].items()):
