@@ -31,6 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:
         _missing(sub, "evaluate", exc)
     try:
+        from . import finalise_cmd
+        p = sub.add_parser("finalise", help="refit a bundle's OOD detector and quality model (same weights)")
+        finalise_cmd.add_arguments(p)
+        p.set_defaults(run=finalise_cmd.run)
+    except ImportError as exc:
+        _missing(sub, "finalise", exc)
+    try:
+        from . import trust_cmd
+        p = sub.add_parser("trust", help="trust benchmark: OOD detection, artefacts and failure detection of a bundle")
+        trust_cmd.add_arguments(p)
+        p.set_defaults(run=trust_cmd.run)
+    except ImportError as exc:
+        _missing(sub, "trust", exc)
+    try:
         from . import bench_cmd
         p = sub.add_parser("bench", help="benchmark predict and training; sliding window against MONAI (writes BENCHMARKS.md)")
         bench_cmd.add_arguments(p)

@@ -13,8 +13,8 @@ from MultiTaskSegLib.predictor import PredictOptions
 
 
 # --- gauge ---------------------------------------------------------------------------
-@pytest.mark.parametrize("score,state", [(0.1, IN_DISTRIBUTION), (0.45, BORDERLINE), (0.5, OUT_OF_DISTRIBUTION),
-                                         (3.0, OUT_OF_DISTRIBUTION)])
+@pytest.mark.parametrize("score,state", [(0.1, IN_DISTRIBUTION), (0.45, BORDERLINE), (0.5, BORDERLINE),
+                                         (0.51, OUT_OF_DISTRIBUTION), (3.0, OUT_OF_DISTRIBUTION)])
 def test_gauge_state_and_geometry(score, state):
     g = gauge_layout(score, 0.5, "HeartMR (MR, heart)")
     assert g.state == state
@@ -28,6 +28,24 @@ def test_gauge_state_and_geometry(score, state):
     assert band
     assert g.context_text == "resembles: HeartMR (MR, heart)"
     assert "0.5" in g.score_text
+
+
+@pytest.mark.parametrize("score", [0.49, 0.5, 0.5000001, 2.0])
+def test_gauge_and_detector_flag_by_one_rule(score):
+    """At the threshold itself both say 'not flagged' (the detector's strict rule, ood.exceeds)."""
+    from MultiTaskSegLib.ood import SpectralDetector
+    det = SpectralDetector(np.zeros((1, 1)), np.zeros(1, int), np.asarray(["a"]), ["A"], ["enc0"], None, 0.5)
+    flagged = det.score(np.asarray([score])).is_ood
+    assert flagged == (gauge_layout(score, 0.5).state == OUT_OF_DISTRIBUTION)
+
+
+def test_trust_verdict_words():
+    from MultiTaskSegLib.ood_gauge import trust_verdict
+    assert trust_verdict(False, 0.62, True) == "expected Dice 0.62 — review before use"
+    assert trust_verdict(False, 0.91, False) == "expected Dice 0.91 — no warning"
+    assert trust_verdict(True, 0.3, True) == "out of distribution, expected Dice 0.30 — review before use"
+    assert trust_verdict(True) == "out of distribution — review before use"  # bundle without a quality model
+    assert trust_verdict(False) == "in distribution"
 
 
 def test_gauge_threshold_in_the_middle_unless_score_is_far_out():

@@ -211,9 +211,10 @@ def main() -> None:
             "(seed 0: 20 % test, 10 % validation per dataset); nothing was tuned on test cases.", ""]
     comp, _ = comparison_section(args.arms)
     body = head + comp + calibration_section(args.arms, default) + ood_section(default) + default_section(default)
-    notes = Path(__file__).with_name("results_notes.md")
-    if notes.exists():
-        body += [notes.read_text(encoding="utf-8")]
+    for extra in ("results_notes.md", "results_trust.md"):  # hand-written sections (trust: from `mtseg trust`)
+        notes = Path(__file__).with_name(extra)
+        if notes.exists():
+            body += [notes.read_text(encoding="utf-8")]
     args.out.write_text("\n".join(body) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 

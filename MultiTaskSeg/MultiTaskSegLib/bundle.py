@@ -21,6 +21,7 @@ from .inference import WindowConfig
 from .network import NetworkConfig, ResidualUNet3D
 from .ood import SpectralDetector
 from .preprocessing import PreprocessingConfig
+from .quality import QualityModel
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -88,10 +89,22 @@ class Bundle:
     def detector(self) -> SpectralDetector:
         ood = self.meta["ood"]
         with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
+            scale = ood.get("context_scale")  # per-context kNN (absent in older bundles: plain nearest neighbour)
             return SpectralDetector(signatures=data["signatures"], context_index=data["context_index"],
                                     case_ids=data["case_ids"], context_names=self.context_names,
                                     layers=list(ood["layers"]), spectrum_length=ood.get("spectrum_length"),
-                                    threshold=math.inf if ood["threshold"] is None else float(ood["threshold"]))
+                                    threshold=math.inf if ood["threshold"] is None else float(ood["threshold"]),
+                                    context_scale=None if scale is None else np.asarray(scale, dtype=np.float64))
+
+    def quality_model(self) -> QualityModel | None:
+        """The expected-Dice model (bundle.json 'quality', plain numbers); None for bundles without one."""
+        if not self.meta.get("quality"):
+            return None
+        try:
+            return QualityModel.from_dict(self.meta["quality"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.path}: {META_FILE} has an unusable 'quality' section ({exc}); "
+                              "re-finalise the bundle (mtseg finalise)") from None
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:

@@ -82,6 +82,11 @@ def loo_threshold(signatures: np.ndarray, k_std: float = 2.5, groups: Sequence[s
     return float(d.mean() + k_std * d.std())
 
 
+def exceeds(score: float, threshold: float) -> bool:
+    """THE flag rule, shared by the detector, the gauge and the quality flag: strictly above the threshold."""
+    return bool(score > threshold)
+
+
 @dataclass
 class OODResult:
     score: float
@@ -100,6 +105,9 @@ class OODResult:
 
 @dataclass
 class SpectralDetector:
+    """Nearest training signature; with ``context_scale`` the distance to each context's nearest signature
+    is divided by that context's typical leave-one-case-out distance first (per-context kNN), so a
+    tight context (many similar cases) and a loose one (few, varied cases) get the same false-alarm rate."""
     signatures: np.ndarray  # (N, D)
     context_index: np.ndarray  # (N,)
     case_ids: np.ndarray  # (N,) str
@@ -107,17 +115,26 @@ class SpectralDetector:
     layers: list[str]
     spectrum_length: int | None
     threshold: float
+    context_scale: np.ndarray | None = None  # (K,) per-context distance scale; None = plain nearest neighbour
 
     @property
     def name(self) -> str:
-        return "spectral:" + "+".join(self.layers)
+        return ("spectral-ctx:" if self.context_scale is not None else "spectral:") + "+".join(self.layers)
 
     def signature(self, grams: dict[str, np.ndarray]) -> np.ndarray:
         return signature_from_grams(grams, self.layers, self.spectrum_length)
 
+    def nearest(self, signature: np.ndarray, exclude: np.ndarray | None = None) -> tuple[float, int]:
+        """(score, index of the nearest training signature); ``exclude`` masks training rows out."""
+        d = np.sqrt(np.maximum(((self.signatures - signature[None]) ** 2).sum(1), 0.0))
+        if exclude is not None:
+            d = np.where(exclude, np.inf, d)
+        if self.context_scale is not None:
+            d = d / self.context_scale[self.context_index]
+        i = int(np.argmin(d))
+        return float(d[i]), i
+
     def score(self, signature: np.ndarray) -> OODResult:
-        d, idx = nearest_neighbour_distances(signature[None], self.signatures)
-        i = int(idx[0])
-        score = float(d[0])
-        return OODResult(score, self.threshold, bool(score > self.threshold),
+        score, i = self.nearest(signature)
+        return OODResult(score, self.threshold, exceeds(score, self.threshold),
                          self.context_names[int(self.context_index[i])], str(self.case_ids[i]), self.name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .ood import exceeds
+
 IN_DISTRIBUTION = "in distribution"
 BORDERLINE = "borderline"
 OUT_OF_DISTRIBUTION = "out of distribution"
@@ -40,7 +42,7 @@ class GaugeLayout:
 
 
 def classify(score: float, threshold: float, borderline_fraction: float = BORDERLINE_FRACTION) -> str:
-    if score >= threshold:
+    if exceeds(score, threshold):  # the detector's own rule, so gauge and report never disagree
         return OUT_OF_DISTRIBUTION
     if score >= borderline_fraction * threshold:
         return BORDERLINE
@@ -77,3 +79,14 @@ def context_description(contexts: list[dict], name: str) -> str:
             details = ", ".join(str(context[k]) for k in ("modality", "region") if context.get(k))
             return f"{name} ({details})" if details else name
     return name
+
+
+def trust_verdict(is_ood: bool, expected_dice: float | None = None, flag: bool | None = None) -> str:
+    """One line for the user from the predict report's ``ood`` and ``quality`` blocks, e.g.
+    'expected Dice 0.62 — review before use'. Without a quality model (older bundles) only the OOD verdict."""
+    if expected_dice is None:
+        return "out of distribution — review before use" if is_ood else "in distribution"
+    text = f"expected Dice {expected_dice:.2f}"
+    if is_ood:
+        return f"out of distribution, {text} — review before use"
+    return f"{text} — review before use" if flag else f"{text} — no warning"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,11 +16,12 @@ import torch
 from .bundle import Bundle
 from .errors import InputVolumeError, MultiTaskSegError
 from .fast_inference import prepare_for_cpu_inference
-from .inference import ProgressCallback, WindowConfig, select_device, sliding_window
+from .inference import ProgressCallback, WindowConfig, WindowResult, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
+from .quality import QualityResult, structure_evidence
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import array_to_image, validate_volume
 
@@ -50,10 +51,12 @@ class Prediction:
     timings_s: dict[str, float] = field(default_factory=dict)
     signature: np.ndarray | None = None
     probabilities: torch.Tensor | None = None  # canonical grid, kept only on request
+    quality: QualityResult | None = None  # None when the bundle has no quality model (older bundles)
 
     def report(self) -> dict:
         """The JSON report written beside the outputs (DESIGN.md keys plus extras)."""
-        return {"ood": self.ood.to_dict(), "labels": {str(k): v for k, v in self.label_names.items()},
+        return {"ood": self.ood.to_dict(), "quality": self.quality.to_dict() if self.quality else None,
+                "labels": {str(k): v for k, v in self.label_names.items()},
                 "volumes_ml": self.volumes_ml, "mean_uncertainty": self.mean_uncertainty,
                 "mean_uncertainty_per_label": self.mean_uncertainty_per_label,
                 "context": self.context, "modality": self.modality, "device": self.device,
@@ -73,15 +76,61 @@ class Predictor:
         if self.device.type == "cpu":
             prepare_for_cpu_inference(self.model)
         self.detector = bundle.detector()
+        self.quality_model = bundle.quality_model()
         self.window: WindowConfig = bundle.window
         self.preprocessing = bundle.preprocessing
         self.context_labels = [list(c["labels"]) for c in bundle.contexts]
         self.inference_meta = bundle.meta.get("inference", {})
 
-    def _recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
+    # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
+    def window_config(self, options: PredictOptions) -> WindowConfig:
+        return WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
+                            options.cpu_bf16)
+
+    def network_pass(self, array: np.ndarray, window: WindowConfig, taps: Sequence[str] | None = None,
+                     progress: ProgressCallback | None = None, stage: str = "inference") -> WindowResult:
+        """One sliding-window pass: blended logits, context logits and the Gram matrices of ``taps``
+        (default: the detector's layers)."""
+        return sliding_window(self.model, array, window, self.device,
+                              self.detector.layers if taps is None else taps, progress, stage=stage)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled softmax over the class axis."""
+        return softmax_with_temperature(logits, self.bundle.temperature)
+
+    def mc_dropout_average(self, probs: torch.Tensor, array: np.ndarray, window: WindowConfig, n: int,
+                           progress: ProgressCallback | None = None) -> torch.Tensor:
+        """Average ``probs`` (the deterministic pass, counted as one sample) with ``n`` dropout passes, in place."""
+        enable_mc_dropout(self.model, True)
+        try:
+            for k in range(n):
+                sample = self.network_pass(array, window, (), progress, stage=f"mc dropout {k + 1}/{n}")
+                probs += self.probabilities(sample.logits)
+        finally:
+            enable_mc_dropout(self.model, False)
+        probs /= n + 1
+        return probs
+
+    def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
+        """Index of the context: the context head's argmax, or the nearest training signature's context."""
         if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
+
+    def assess_quality(self, probs: torch.Tensor, entropy: torch.Tensor, context_index: int,
+                       context_logits: np.ndarray | None, ood: OODResult) -> QualityResult | None:
+        """Expected Dice of the recognised context's structures (canonical grid; None without a quality model)."""
+        if self.quality_model is None:
+            return None
+        allowed = self.context_labels[context_index]
+        labels = restrict_labels(probs.argmax(0).numpy().astype(np.uint8), allowed)
+        voxel_ml = float(np.prod(self.preprocessing.target_spacing)) / 1000.0
+        evidence = structure_evidence(probs, labels, entropy, allowed, voxel_ml)
+        confidence = 1.0
+        if context_logits is not None:
+            confidence = float(torch.softmax(torch.as_tensor(context_logits, dtype=torch.float64), 0)[context_index])
+        ood_z = ood.score / ood.threshold if np.isfinite(ood.threshold) and ood.threshold > 0 else 0.0
+        return self.quality_model.assess(evidence, self.bundle.label_names, ood_z, confidence, ood.is_ood)
 
     def predict(self, image: sitk.Image, options: PredictOptions | None = None,
                 progress: ProgressCallback | None = None,
@@ -98,9 +147,8 @@ class Predictor:
         timings["preprocess"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        window = WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
-                              options.cpu_bf16)
-        result = sliding_window(self.model, pre.array, window, self.device, self.detector.layers, report)
+        window = self.window_config(options)
+        result = self.network_pass(pre.array, window, progress=report)
         timings["inference"] = time.perf_counter() - t
         timings["ood_gram"] = result.gram_s  # part of "inference": the OOD signature's Gram accumulation
 
@@ -112,21 +160,13 @@ class Predictor:
             on_ood(ood)
 
         t = time.perf_counter()
-        probs = softmax_with_temperature(result.logits, self.bundle.temperature)  # the labels need it too
+        probs = self.probabilities(result.logits)  # the labels need it too
         timings["probabilities"] = time.perf_counter() - t
 
         t = time.perf_counter()
         if options.mc_dropout > 0:
-            enable_mc_dropout(self.model, True)
-            try:
-                for k in range(options.mc_dropout):
-                    sample = sliding_window(self.model, pre.array, window, self.device, (), report,
-                                            stage=f"mc dropout {k + 1}/{options.mc_dropout}")
-                    probs += softmax_with_temperature(sample.logits, self.bundle.temperature)
-            finally:
-                enable_mc_dropout(self.model, False)
-            probs /= options.mc_dropout + 1
-        context_index = self._recognise_context(result.context_logits, ood)
+            probs = self.mc_dropout_average(probs, pre.array, window, options.mc_dropout, report)
+        context_index = self.recognise_context(result.context_logits, ood)
         restrict = options.restrict_to_context
         if restrict is None:
             restrict = bool(self.inference_meta.get("restrict_to_context", False))
@@ -137,8 +177,12 @@ class Predictor:
         timings["uncertainty"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        quality = self.assess_quality(probs, entropy, context_index, result.context_logits, ood)
+        timings["quality"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         report("resample", 0.0)
-        labels, uncertainty = self._to_input_grid(probs, entropy, pre.grid, image, timings)
+        labels, uncertainty = self.to_input_grid(probs, entropy, pre.grid, image, timings)
         if restrict:
             restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
@@ -160,7 +204,7 @@ class Predictor:
         return Prediction(label_image, unc_image, ood, self.bundle.context_names[context_index], names, volumes,
                           float(uncertainty.mean()), per_label, pre.modality, str(self.device),
                           {k: round(v, 3) for k, v in timings.items()}, signature,
-                          probs if keep_probabilities else None)
+                          probs if keep_probabilities else None, quality)
 
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
@@ -191,6 +235,8 @@ class Predictor:
         if timings is not None:
             timings["resample_uncertainty"] = time.perf_counter() - t  # part of "resample"
         return labels, uncertainty.astype(np.float32, copy=False)
+
+    to_input_grid = _to_input_grid  # the public name of the stage
 
 
 def predict_image(bundle: Bundle, image: sitk.Image, options: PredictOptions | None = None) -> Prediction:

@@ -1,0 +1,136 @@
+"""Fitting the OOD detector and the quality model from trust records of train + validation cases.
+
+Used by `mtseg finalise` (the bundle's detector and quality model) and by the trust benchmark
+(which fits exactly the same way on its ``fit`` / ``fit_shift`` families and scores the rest).
+
+- Detector: per-context kNN on the concatenated log-spectrum signatures of ``layers``; each
+  context's distance scale is the mean leave-one-case-out nearest-neighbour distance within
+  it, shrunk towards the pooled mean (``PRIOR_CASES`` pseudo-cases) so a context with two
+  cases is not trusted blindly. The threshold is the conformal (1 − α) quantile of the
+  leave-one-case-out scores of the clean fit cases: about α false alarms on new cases of the
+  same distribution.
+- Quality: a logistic model of the per-structure Dice on ``quality.FEATURES`` (OOD z =
+  leave-one-case-out score / threshold, so a case is never scored against itself), fitted
+  on clean and corrupted fit cases by minimising the soft-label cross-entropy with a small
+  L2 penalty.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from MultiTaskSegLib.ood import SpectralDetector
+from MultiTaskSegLib.quality import FEATURES, QualityModel
+
+PRIOR_CASES = 3.0
+TARGET_FALSE_ALARMS = 0.05
+
+
+def case_of(rec: dict) -> str:
+    """The case a record belongs to (a corrupted variant belongs to its clean case)."""
+    return rec["key"].split("/", 1)[1].split("__")[1]
+
+
+def case_dice(rec: dict) -> float | None:
+    values = [v for v in (rec.get("dice") or {}).values() if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def signature_rows(recs: Sequence[dict], layers: Sequence[str]) -> np.ndarray:
+    return np.stack([np.concatenate([np.asarray(r["signatures"][k], dtype=np.float64) for k in layers])
+                     for r in recs])
+
+
+def conformal_quantile(values: np.ndarray, alpha: float) -> float:
+    """The ⌈(n+1)(1−α)⌉-th smallest value (the largest when that exceeds n)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    k = min(int(math.ceil((len(v) + 1) * (1 - alpha))), len(v))
+    return float(v[k - 1])
+
+
+def fit_detector(fit_recs: Sequence[dict], layers: Sequence[str], context_names: list[str],
+                 alpha: float = TARGET_FALSE_ALARMS) -> tuple[SpectralDetector, np.ndarray]:
+    """(detector, leave-one-case-out score of every fit record) from clean fit records."""
+    sig = signature_rows(fit_recs, layers)
+    ctx = np.asarray([r["context"] for r in fit_recs])
+    groups = np.asarray([case_of(r) for r in fit_recs])
+    det = SpectralDetector(sig.astype(np.float32), ctx, groups, context_names, list(layers), None, math.inf)
+    det.signatures = sig  # float64 while fitting
+    d = np.sqrt(np.maximum(((sig[:, None] - sig[None]) ** 2).sum(-1), 0.0))
+    d[groups[:, None] == groups[None]] = np.inf
+    within = np.where(ctx[:, None] == ctx[None], d, np.inf).min(1)
+    finite = np.isfinite(within)
+    pooled = float(within[finite].mean()) if finite.any() else 1.0
+    scale = np.full(len(context_names), pooled)
+    for k in range(len(context_names)):
+        mine = within[(ctx == k) & finite]
+        scale[k] = (mine.sum() + PRIOR_CASES * pooled) / (len(mine) + PRIOR_CASES)
+    det.context_scale = scale
+    loo = np.asarray([det.nearest(sig[i], exclude=groups == groups[i])[0] for i in range(len(sig))])
+    det.threshold = conformal_quantile(loo, alpha)
+    det.signatures = sig.astype(np.float32)
+    return det, loo
+
+
+def loo_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
+    """Scores of records whose clean case may be among the detector's signatures: that case left out."""
+    sig = signature_rows(recs, det.layers)
+    return np.asarray([det.nearest(s, exclude=det.case_ids == case_of(r))[0] for s, r in zip(sig, recs)])
+
+
+def quality_rows(recs: Sequence[dict], ood_scores: Sequence[float], threshold: float, model: QualityModel,
+                 names: dict[int, str], context_labels: list[list[int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Feature rows and Dice targets of every (record, structure of the recognised context that the
+    record's dataset annotates); the third list maps rows to records."""
+    rows, target, owner = [], [], []
+    for i, (r, s) in enumerate(zip(recs, ood_scores)):
+        conf = r["context_probs"][r["recognised"]] if r.get("context_probs") is not None else 1.0
+        for v, d in (r.get("dice") or {}).items():
+            if d is None or int(v) not in context_labels[r["recognised"]]:
+                continue  # a structure `predict` would not output for this context has no estimate
+            rows.append(model.feature_row(r["evidence"][v], names[int(v)], s / threshold, conf))
+            target.append(d)
+            owner.append(i)
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES)), np.asarray(target), owner
+
+
+def log_volume_stats(fit_recs: Sequence[dict], names: dict[int, str]) -> dict[str, list[float]]:
+    """Per structure name: mean and std of log predicted volume over clean fit cases that annotate it."""
+    values: dict[str, list[float]] = {}
+    for r in fit_recs:
+        for v in (r.get("dice") or {}):
+            ml = r["evidence"].get(v, {}).get("volume_ml", 0.0)
+            if ml > 0:
+                values.setdefault(names[int(v)], []).append(math.log(ml))
+    return {k: [float(np.mean(x)), float(np.std(x)) if len(x) > 1 else 1.0] for k, x in values.items()}
+
+
+def fit_quality(recs: Sequence[dict], ood_scores: Sequence[float], threshold: float, volume: dict,
+                names: dict[int, str], context_labels: list[list[int]], l2: float = 1e-2,
+                fitted_on: str = "") -> QualityModel:
+    from scipy.optimize import minimize
+
+    model = QualityModel([0.0] * len(FEATURES), 0.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), volume,
+                         fitted_on=fitted_on)
+    x, y, _ = quality_rows(recs, ood_scores, threshold, model, names, context_labels)
+    if len(x) < len(FEATURES) + 2:
+        raise ValueError(f"only {len(x)} labelled structures to fit the quality model on")
+    mean, scale = x.mean(0), x.std(0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    z = (x - mean) / scale
+    y = np.clip(y, 1e-3, 1 - 1e-3)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        logit = z @ w[:-1] + w[-1]
+        p = 1.0 / (1.0 + np.exp(-logit))
+        eps = 1e-9
+        ce = -(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)).mean() + l2 * (w[:-1] ** 2).sum()
+        grad = np.concatenate([z.T @ (p - y) / len(y) + 2 * l2 * w[:-1], [(p - y).mean()]])
+        return float(ce), grad
+
+    w = minimize(loss, np.zeros(len(FEATURES) + 1), jac=True, method="L-BFGS-B").x
+    model.coef, model.intercept = [float(v) for v in w[:-1]], float(w[-1])
+    model.mean, model.scale = [float(v) for v in mean], [float(v) for v in scale]
+    return model

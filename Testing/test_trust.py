@@ -1,0 +1,156 @@
+"""Trust: the per-context OOD detector, its threshold, the quality model and where they surface.
+
+Constructed cases with known answers first (synthetic signatures and probability maps), then
+the bundle round trip and the predict report on real files.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MultiTaskSegLib.bundle import META_FILE, load_bundle, save_bundle
+from MultiTaskSegLib.errors import BundleError
+from MultiTaskSegLib.predictor import PredictOptions, Predictor
+from MultiTaskSegLib.quality import QualityModel, structure_evidence
+from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality
+from MultiTaskSegTraining.trust_metrics import aurc, failure_table
+
+
+@pytest.fixture(scope="module")
+def tiny_image():
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray((rng.normal(size=(12, 16, 16)) * 50).astype(np.float32))
+    image.SetSpacing((4.0, 3.0, 3.0))
+    return image
+
+
+def _records(points: np.ndarray, context: int, prefix: str) -> list[dict]:
+    return [{"key": f"fit/D{context}__{prefix}{i}", "context": context, "signatures": {"enc0": p.tolist()}}
+            for i, p in enumerate(points)]
+
+
+def _two_contexts(rng: np.random.Generator, n: int = 40) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """A tight context (spread 0.01) and a loose one (spread 0.2), far apart."""
+    a_mean, b_mean = np.zeros(4), np.full(4, 5.0)
+    recs = _records(a_mean + 0.01 * rng.normal(size=(n, 4)), 0, "a") + _records(b_mean + 0.2 * rng.normal(size=(n, 4)), 1, "b")
+    return recs, a_mean, b_mean
+
+
+def test_per_context_detector_flags_exactly_the_planted_outliers():
+    rng = np.random.default_rng(0)
+    recs, a, b = _two_contexts(rng)
+    det, _ = fit_detector(recs, ["enc0"], ["A", "B"], alpha=0.01)
+    fresh = np.concatenate([a + 0.01 * rng.normal(size=(10, 4)), b + 0.2 * rng.normal(size=(10, 4))])
+    # planted: 0.15 from the tight context is far for it (15 spreads) though small next to the loose one's spread
+    planted = np.stack([a + 0.15, b + 3.0, np.full(4, 2.5)])
+    flags = [det.score(x).is_ood for x in np.concatenate([fresh, planted])]
+    assert flags == [False] * 20 + [True] * 3
+    # a single global nearest-neighbour threshold (the old detector) misses the first planted point
+    pooled = det.threshold * float(np.mean(det.context_scale))
+    plain_d = np.sqrt(((det.signatures - planted[0]) ** 2).sum(1)).min()
+    assert plain_d < pooled
+    assert det.score(a + 0.005).nearest_context == "A" and det.score(b).nearest_context == "B"
+
+
+def test_a_threshold_for_5_percent_false_alarms_gives_about_5_percent_on_fresh_samples():
+    rng = np.random.default_rng(1)
+    recs = _records(rng.normal(size=(300, 6)), 0, "c")
+    det, loo = fit_detector(recs, ["enc0"], ["A"], alpha=0.05)
+    assert np.mean(loo > det.threshold) <= 0.05
+    fresh = rng.normal(size=(3000, 6))
+    rate = np.mean([det.score(x).is_ood for x in fresh])
+    assert 0.02 <= rate <= 0.09, rate
+
+
+def test_conformal_quantile():
+    assert conformal_quantile(np.arange(1, 20), 0.05) == 19  # ⌈20·0.95⌉ = 19th smallest
+    assert conformal_quantile(np.arange(1, 101), 0.1) == 91
+
+
+def test_structure_evidence_of_constructed_maps():
+    probs = torch.zeros(3, 4, 4, 4)
+    probs[0] = 1.0
+    probs[0, :2], probs[1, :2] = 0.0, 1.0  # structure 1: certain on the first half
+    labels = probs.argmax(0).numpy().astype(np.uint8)
+    entropy = torch.zeros(4, 4, 4)
+    ev = structure_evidence(probs, labels, entropy, [1, 2], voxel_ml=0.008)
+    assert ev[1] == pytest.approx({"soft_dice": 1.0, "mean_entropy": 0.0, "volume_ml": 32 * 0.008})
+    assert ev[2] == {"soft_dice": 0.0, "mean_entropy": 1.0, "volume_ml": 0.0}  # nothing found
+    probs[1, :2], probs[0, :2] = 0.6, 0.4  # barely won: soft Dice 2·0.6·32 / (0.6·32 + 32) = 0.75
+    assert structure_evidence(probs, labels, entropy, [1], 0.008)[1]["soft_dice"] == pytest.approx(0.75)
+
+
+def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict], list[float]]:
+    """Dice follows soft Dice (plus noise); other evidence is noise."""
+    recs, scores = [], []
+    for i in range(n):
+        soft = rng.uniform(0.2, 1.0)
+        recs.append({"evidence": {"1": {"soft_dice": soft, "mean_entropy": rng.uniform(0.2, 0.6), "volume_ml": 100.0}},
+                     "dice": {"1": float(np.clip(soft + 0.05 * rng.normal(), 0, 1))}, "recognised": 0,
+                     "context_probs": [0.9, 0.1]})
+        scores.append(rng.uniform(0, 1))
+    return recs, scores
+
+
+def test_quality_model_learns_a_monotone_expected_dice_and_ranks_failures():
+    rng = np.random.default_rng(2)
+    recs, scores = _quality_records(rng)
+    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]])
+    lo = model.expected_dice([[0.3, 0.4, 0.0, 0.5, 0.9]])[0]
+    hi = model.expected_dice([[0.95, 0.4, 0.0, 0.5, 0.9]])[0]
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    test, _ = _quality_records(rng, 40)
+    dice = np.asarray([r["dice"]["1"] for r in test])
+    expected = np.asarray([model.assess({1: r["evidence"]["1"]}, {1: "liver"}, 0.5, 0.9, False).expected_dice
+                           for r in test])
+    table = failure_table({"quality": 1 - expected, "random": rng.uniform(size=len(test))}, dice)
+    assert table["signals"]["quality"]["aurc"] < table["signals"]["random"]["aurc"]
+    assert aurc(1 - dice, 1 - dice) == pytest.approx(table["aurc_oracle"])
+
+
+def _quality_dict() -> dict:
+    return QualityModel([1.5, -0.5, -0.2, -0.3, 0.2], 0.4, [0.6, 0.5, 1.0, 0.8, 0.9], [0.2, 0.1, 0.8, 0.5, 0.1],
+                        {"liver": [7.0, 0.3], "spleen": [5.0, 0.4], "left ventricle": [4.8, 0.3]},
+                        fitted_on="test").to_dict()
+
+
+def _with_quality(bundle, path):
+    meta = {**bundle.meta, "quality": _quality_dict()}
+    with np.load(bundle.path / "signatures.npz", allow_pickle=False) as d:
+        sig, ctx, ids = d["signatures"], d["context_index"], list(d["case_ids"])
+    state = {k: v for k, v in bundle.load_model().state_dict().items()}
+    return save_bundle(path, meta, state, sig, ctx, ids)
+
+
+def test_quality_model_round_trips_through_the_bundle_without_pickle(untrained_bundle, tmp_path):
+    b = _with_quality(untrained_bundle, tmp_path / "q")
+    assert b.quality_model().to_dict() == _quality_dict()
+    meta = json.loads((b.path / META_FILE).read_text())
+    assert meta["quality"]["coef"] == _quality_dict()["coef"]  # plain JSON numbers
+    assert load_bundle(untrained_bundle.path).quality_model() is None  # older bundles: no model
+    meta["quality"]["features"] = ["something else"]
+    (b.path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="quality"):
+        load_bundle(b.path).quality_model()
+    with open(b.path / "signatures.npz", "ab") as f:  # hashes still guard every file
+        f.write(b"x")
+    with pytest.raises(BundleError, match="corrupt"):
+        load_bundle(b.path)
+
+
+def test_predict_report_carries_quality_beside_ood(untrained_bundle, tmp_path, tiny_image):
+    b = _with_quality(untrained_bundle, tmp_path / "q")
+    pred = Predictor(b, "cpu").predict(tiny_image, PredictOptions())
+    report = json.loads(json.dumps(pred.report()))
+    q = report["quality"]
+    assert set(q) == {"expected_dice", "per_structure", "flag"}
+    assert 0.0 <= q["expected_dice"] <= 1.0 and isinstance(q["flag"], bool)
+    ctx = next(c for c in b.contexts if c["name"] == report["context"])
+    assert set(q["per_structure"]) == {b.label_names[v] for v in ctx["labels"]}
+    assert "quality" in report["timings_s"]
+    old = Predictor(untrained_bundle, "cpu").predict(tiny_image, PredictOptions()).report()
+    assert old["quality"] is None and "ood" in old
