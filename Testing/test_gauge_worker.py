@@ -2,6 +2,7 @@
 (the worker as a child process: test_worker_process.py)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
