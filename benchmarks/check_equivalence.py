@@ -60,8 +60,8 @@ def main() -> int:
     parser.add_argument("--bundle", help="model bundle (default: untrained default architecture)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from MultiTaskSegTraining.bench_cmd import default_architecture_bundle
-    from MultiTaskSegTraining.bench_phantoms import ct_phantom, mr_phantom
+    from benchmarks.bundles import default_architecture_bundle
+    from benchmarks.phantoms import ct_phantom, mr_phantom
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
