@@ -11,7 +11,7 @@ from MultiTaskSegLib import DEFAULT_BUNDLE
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
-from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume, write_volume
+from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume, write_fraction_map, write_volume
 
 from .progress import StageBar
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             prediction = predictor.predict(image, options, progress=bar.update)
             paths = output_paths(out, case)
             write_volume(prediction.labels, paths["seg"])
-            write_volume(prediction.uncertainty, paths["uncertainty"])
+            write_fraction_map(prediction.uncertainty, paths["uncertainty"])  # uint8 + scl_slope: floats in [0, 1]
             report = prediction.report()
             report["input"] = str(path)
             report["bundle"] = str(bundle.path)

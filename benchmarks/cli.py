@@ -181,13 +181,18 @@ def run(args: argparse.Namespace) -> int:
         spec = {**s, "kind": "case", "bundle": str(bundle_path), "device": args.device, "threads": args.threads,
                 "monai": not args.no_monai, "bf16": not args.no_bf16, "out_dir": str(work / f"out_{i}")}
         raw = _spawn(spec, work, f"case{i}")
+        if "error" not in raw and not args.no_monai:  # the MONAI pipeline, in a process of its own
+            raw["monai_pipeline"] = _spawn({**spec, "kind": "monai_pipeline", "modality": raw["modality"],
+                                            "ours_seg": raw["seg_path"], "keep": raw.get("context_labels")},
+                                           work, f"monai{i}")
         summary = summarise(raw)
         summary["raw"] = raw
         cases.append(summary)
         if "error" in summary:
             print(f"bench: {s['name']} failed:\n{summary['error']}", file=sys.stderr)
         else:
-            print(f"bench:   end-to-end {summary['total_s']:.1f} s; sliding window ours "
+            print(f"bench:   end-to-end {summary['total_s']:.1f} s (MONAI pipeline "
+                  f"{summary.get('monai_e2e_s', float('nan')):.1f} s); sliding window ours "
                   f"{summary.get('sw_ours_s', float('nan')):.1f} s vs MONAI {summary.get('sw_monai_s', float('nan')):.1f} s; "
                   f"peak RSS {summary['peak_rss_mb']:.0f} MB", file=sys.stderr)
     training = None

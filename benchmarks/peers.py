@@ -44,3 +44,94 @@ def monai_sliding_window(net, array: np.ndarray, window, device, **blending):
                                      overlap=window.overlap, padding_mode="constant", cval=0.0,
                                      **(blending or {"roi_weight_map": gmap}))
     return y[0].float().cpu()
+
+
+def monai_pipeline(spec: dict) -> dict:
+    """What a user would otherwise write with MONAI, end to end, timed stage by stage, ``repeats`` times:
+
+    LoadImaged → EnsureChannelFirstd → Orientationd → Spacingd → intensity scaling →
+    sliding_window_inference → softmax → Invertd (probabilities back to the input grid) → argmax →
+    SaveImaged. The same network and weights (unprepared: PyTorch's layers), window, overlap,
+    Gaussian weight map, target spacing and intensity rule as ours (for the modality ours detected);
+    the network sees the orientation it was trained on (LPS; its windows transposed to z, y, x).
+    """
+    import time
+    from pathlib import Path
+
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
+                                  SaveImaged, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd)
+
+    from MultiTaskSegLib.bundle import load_bundle
+    from MultiTaskSegLib.inference import gaussian_importance
+
+    bundle = load_bundle(spec["bundle"])
+    net = bundle.load_model("cpu")
+    window, config = bundle.window, bundle.preprocessing
+    if spec["modality"] == "CT":
+        intensity = ScaleIntensityRanged("image", *config.ct_window, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        intensity = ScaleIntensityRangePercentilesd("image", *config.mr_percentiles, b_min=0.0, b_max=1.0, clip=True)
+    load = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])
+    prepare = Compose([Orientationd("image", axcodes="LPS"),
+                       Spacingd("image", pixdim=tuple(config.target_spacing), mode="bilinear"), intensity])
+    invert = Invertd("pred", transform=prepare, orig_keys="image", nearest_interp=False)
+    argmax = AsDiscreted("pred", argmax=True)
+    out = Path(spec["out_dir"])
+    save = SaveImaged("pred", output_dir=str(out), output_postfix="monai_seg", separate_folder=False,
+                      output_dtype=np.uint8, resample=False, print_log=False)
+    roi = tuple(window.patch_size[::-1])  # MONAI's arrays are (x, y, z)
+    weights = torch.from_numpy(np.ascontiguousarray(gaussian_importance(window.patch_size).transpose(2, 1, 0)))
+
+    def network(t: torch.Tensor) -> torch.Tensor:  # (x, y, z) windows → the (z, y, x) the network knows
+        return net(t.permute(0, 1, 4, 3, 2).contiguous())[0].permute(0, 1, 4, 3, 2)
+
+    runs = []
+    for _ in range(spec["repeats"]):
+        stages, t0, c0 = {}, time.perf_counter(), time.process_time()
+        t = t0
+        for name, step in [("load", load), ("preprocess", prepare)]:
+            data = step({"image": spec["path"]} if name == "load" else data)
+            stages[name], t = time.perf_counter() - t, time.perf_counter()
+        with torch.inference_mode():
+            logits = sliding_window_inference(data["image"][None], roi, window.batch_size, network,
+                                              overlap=window.overlap, padding_mode="constant", cval=0.0,
+                                              roi_weight_map=weights)
+            stages["inference"], t = time.perf_counter() - t, time.perf_counter()
+            data["pred"] = torch.softmax(logits[0], 0)
+            stages["softmax"], t = time.perf_counter() - t, time.perf_counter()
+            data = invert(data)
+            stages["invert"], t = time.perf_counter() - t, time.perf_counter()
+            data = argmax(data)
+            stages["argmax"], t = time.perf_counter() - t, time.perf_counter()
+            save(data)
+            stages["save"] = time.perf_counter() - t
+        stages["total"] = time.perf_counter() - t0
+        stages["cpu_total"] = time.process_time() - c0
+        runs.append(stages)
+        del data, logits
+    seg = out / f"{Path(spec['path']).name.split('.')[0]}_monai_seg.nii.gz"
+    return {"name": spec["name"], "runs": runs, "seg_path": str(seg), "canonical_shape_xyz": list(roi)}
+
+
+def segmentation_agreement(ours_path: str, theirs_path: str, keep: list[int] | None = None) -> dict:
+    """Dice per label (mean, min over the labels either uses) between two label files on the same grid;
+    ``keep``: the labels of the context ours recognised (ours keeps only those), the rest of theirs → 0."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(sitk.ReadImage(ours_path))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(theirs_path)).reshape(a.shape) if \
+        np.prod(sitk.ReadImage(theirs_path).GetSize()) == a.size else None
+    if b is None:
+        return {"error": "the two segmentations have different sizes"}
+    if keep is not None:
+        b = np.where(np.isin(b, keep), b, 0)
+    dices = []
+    for c in np.union1d(np.unique(a), np.unique(b)):
+        if c == 0:
+            continue
+        x, y = a == c, b == c
+        dices.append(2.0 * float((x & y).sum()) / float(x.sum() + y.sum()))
+    return {"dice_mean": float(np.mean(dices)) if dices else 1.0, "dice_min": float(min(dices)) if dices else 1.0,
+            "voxel_agreement": float((a == b).mean())}

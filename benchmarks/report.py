@@ -19,6 +19,7 @@ def summarise(case: dict) -> dict:
         return dict(case)  # a copy: the caller attaches the raw case to the summary
     runs = case["e2e_runs"]
     med = {k: median([r[k] for r in runs]) for k in runs[0]}
+    cpu_total = med.pop("cpu_total", None)
     total = med["total"]
     # uncertainty: MC dropout (if asked) + context merge + entropy (the softmax the labels need is "probabilities") + its
     # resampling to the input grid + writing it; OOD: the Gram accumulation inside the window loop + spectrum and score
@@ -52,6 +53,17 @@ def summarise(case: dict) -> dict:
         s["speedup_bf16_vs_monai"] = s["sw_monai_s"] / s["sw_ours_bf16_s"]
         for k in ("agreement_bf16_vs_monai", "agreement_bf16_vs_ours", "bf16_ood"):
             s[k] = case[k]
+    peer = case.get("monai_pipeline")
+    if peer and "error" not in peer:
+        pm = {k: median([r[k] for r in peer["runs"]]) for k in peer["runs"][0]}
+        s["monai_pipeline"] = {"cpu_total_s": pm.pop("cpu_total"), "stages_median_s": pm, "total_s": pm["total"],
+                               "peak_rss_mb": peer["peak_rss_mb"], "agreement": peer["agreement"]}
+        s["monai_e2e_s"] = pm["total"]
+        s["e2e_speedup_vs_monai"] = pm["total"] / total
+        if cpu_total:
+            s["e2e_cpu_speedup_vs_monai"] = s["monai_pipeline"]["cpu_total_s"] / cpu_total
+    elif peer:
+        s["monai_pipeline"] = {"error": peer["error"]}
     for k in ("cuda_max_allocated_mb", "cuda_device", "weightmap_check"):
         if k in case:
             s[k] = case[k]
@@ -152,6 +164,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"\n**{c['name']} failed:**\n```\n{c['error']}\n```")
     for s in report.get("skipped", []):
         lines.append(f"\n*skipped: {s}*")
+    lines += _pipeline_section(cases)
     dec = [c for c in cases if "engine_speedup" in c]
     if dec:
         lines += ["", "### Where the speed-up comes from (same run, same array)", "",
@@ -250,21 +263,56 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _speed_target(cases: list[dict], speedup: str, agreement: str, what: str) -> dict | None:
-    """≥ 1.5× faster than MONAI with Dice ≥ 0.99, judged on the slowest case and the lowest mean Dice."""
+PEER_STAGES = ("load", "preprocess", "inference", "softmax", "invert", "argmax", "save")
+
+
+def _pipeline_section(cases: list[dict]) -> list[str]:
+    """Ours end to end against the MONAI pipeline a user would write, in the same run on the same files."""
+    peers = [c for c in cases if "monai_pipeline" in c]
+    if not peers:
+        return []
+    lines = ["", "### End to end against the MONAI pipeline (same run, same files)", "",
+             "| case | ours s | MONAI pipeline s | speed-up (wall) | speed-up (CPU time) | segmentation Dice (mean / min) | "
+             "ours peak RSS MB | MONAI peak RSS MB | MONAI " + " / ".join(PEER_STAGES) + " s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in peers:
+        p = c["monai_pipeline"]
+        if "error" in p:
+            lines.append(f"| {c['name']} | {_fmt(c['total_s'])} | failed: {p['error'].splitlines()[-1][:120]} |||||||")
+            continue
+        a = p["agreement"]
+        dice = f"{a['dice_mean']:.4f} / {a['dice_min']:.4f}" if "dice_mean" in a else a.get("error", "—")
+        lines.append(f"| {c['name']} | {_fmt(c['total_s'])} | {_fmt(p['total_s'])} | "
+                     f"{_fmt(c['e2e_speedup_vs_monai'], 2)}× | {_fmt(c.get('e2e_cpu_speedup_vs_monai'), 2)}× | {dice} | "
+                     f"{c['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} | "
+                     + " / ".join(_fmt(p["stages_median_s"].get(k), 2) for k in PEER_STAGES) + " |")
+    lines += ["", "The peer: `LoadImaged → EnsureChannelFirstd → Orientationd(LPS) → Spacingd(bilinear) → "
+              "ScaleIntensityRanged (CT window) or ScaleIntensityRangePercentilesd (MR) → sliding_window_inference → "
+              "softmax → Invertd → AsDiscreted(argmax) → SaveImaged`, over the same network and weights on PyTorch's "
+              "layers, with our window, overlap, weight map, target spacing and intensity rule; it runs in a process "
+              "of its own right after ours. Ours also computes the uncertainty (written as a file), the OOD score and "
+              "the report; the peer only segments. Dice compares the two written segmentations on the labels of the "
+              "context ours recognised (ours keeps only those; the peer's other labels count as background); the "
+              "peer has no anti-aliasing and MONAI's own output grid, so the two are close, not equal."]
+    return lines
+
+
+def _speed_target(cases: list[dict], speedup: str, agreement: str, what: str, factor: float = 1.5) -> dict | None:
+    """≥ ``factor`` × faster than MONAI with Dice ≥ 0.99, judged on the slowest case and the lowest mean Dice."""
     timed = [c for c in cases if speedup in c]
     if not timed:
         return None
     worst = min(timed, key=lambda c: c[speedup])
     dice = min(c[agreement]["dice_mean"] for c in timed)
-    return {"met": worst[speedup] >= 1.5 and dice >= 0.99,
+    return {"met": worst[speedup] >= factor and dice >= 0.99,
             "text": f"{what} with Dice ≥ 0.99: slowest case {worst['name']} {worst[speedup]:.2f}×, "
                     f"lowest mean Dice {dice:.4f}"}
 
 
 def evaluate_targets(cases: list[dict]) -> list[dict]:
     out = [t for t in (
-        _speed_target(cases, "speedup_vs_monai", "agreement", "inference ≥ 1.5× faster than MONAI at equal settings"),
+        _speed_target(cases, "speedup_vs_monai", "agreement", "sliding window ≥ 1.6× faster than MONAI's at equal "
+                      "settings", 1.6),
         _speed_target(cases, "speedup_bf16_vs_monai", "agreement_bf16_vs_monai",
                       "(opt-in `--cpu-bf16`, not the default) ≥ 1.5× faster than MONAI fp32")) if t]
     ok = [c for c in cases if "uncertainty_ood_share" in c]
@@ -273,10 +321,19 @@ def evaluate_targets(cases: list[dict]) -> list[dict]:
         out.append({"met": worst["uncertainty_ood_share"] <= 0.10,
                     "text": f"uncertainty + OOD ≤ 10 % of end-to-end: worst {worst['name']} "
                             f"{100 * worst['uncertainty_ood_share']:.1f} %"})
+    peers = [c for c in cases if "e2e_speedup_vs_monai" in c]
+    if peers:
+        worst = min(peers, key=lambda c: c["e2e_speedup_vs_monai"])
+        out.append({"met": worst["e2e_speedup_vs_monai"] >= 2.0,
+                    "text": f"end to end ≥ 2× faster than the MONAI pipeline on every volume: slowest case "
+                            f"{worst['name']} {worst['e2e_speedup_vs_monai']:.2f}× (CPU time "
+                            f"{_fmt(worst.get('e2e_cpu_speedup_vs_monai'), 2)}×)"})
     ct = [c for c in ok if c["name"] == "ct"]
     if ct:
-        out.append({"met": ct[0]["peak_rss_mb"] <= 4096,
-                    "text": f"peak RSS ≤ 4 GB for the 512×512×300 CT: {ct[0]['peak_rss_mb']:.0f} MB"})
+        out.append({"met": ct[0]["total_s"] <= 10.0,
+                    "text": f"512×512×300 CT end to end ≤ 10 s: {ct[0]['total_s']:.1f} s"})
+        out.append({"met": ct[0]["peak_rss_mb"] <= 3072,
+                    "text": f"peak RSS ≤ 3 GB for the 512×512×300 CT: {ct[0]['peak_rss_mb']:.0f} MB"})
     return out
 
 

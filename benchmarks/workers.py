@@ -19,16 +19,16 @@ def _peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object]:
+def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object, str]:
     """End-to-end ``predict`` as `mtseg predict` runs it (read, predict, write), ``repeats`` times."""
     from MultiTaskSegLib.predictor import PredictOptions
-    from MultiTaskSegLib.volume_io import read_volume, write_volume
+    from MultiTaskSegLib.volume_io import read_volume, write_fraction_map, write_volume
 
-    runs, image = [], None
+    runs, image, modality = [], None, ""
     for _ in range(spec["repeats"]):
         image = None
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         image = read_volume(spec["path"])
         t_load = time.perf_counter() - t0
         prediction = predictor.predict(image, PredictOptions(device=spec["device"]))
@@ -36,14 +36,16 @@ def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object]
         write_volume(prediction.labels, out / "seg.nii.gz")
         t_seg = time.perf_counter() - t
         t = time.perf_counter()
-        write_volume(prediction.uncertainty, out / "uncertainty.nii.gz")
+        write_fraction_map(prediction.uncertainty, out / "uncertainty.nii.gz")
         t_unc = time.perf_counter() - t
         (out / "report.json").write_text(json.dumps(prediction.report(), indent=2), encoding="utf-8")
         total = time.perf_counter() - t0
         runs.append({"load": t_load, **{k: float(v) for k, v in prediction.timings_s.items() if k != "total"},
-                     "write_seg": t_seg, "write_uncertainty": t_unc, "total": total})
+                     "write_seg": t_seg, "write_uncertainty": t_unc, "total": total,
+                     "cpu_total": time.process_time() - c0})
+        modality = prediction.modality
         del prediction
-    return runs, image
+    return runs, image, modality
 
 
 def _interleaved(variants: list[tuple], repeats: int) -> tuple[dict, dict, dict]:
@@ -126,7 +128,11 @@ def run_case_worker(spec: dict) -> dict:
     device = predictor.device
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    runs, image = _time_predict(spec, predictor, out)
+    runs, image, result["modality"] = _time_predict(spec, predictor, out)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    if bundle.meta.get("inference", {}).get("restrict_to_context"):  # the peer is compared on the same labels
+        result["context_labels"] = [int(v) for v in bundle.contexts[bundle.context_names.index(report["context"])]["labels"]]
+    result["seg_path"] = str(out / "seg.nii.gz")
     result["input_size"] = list(image.GetSize())
     result["input_spacing"] = [round(s, 3) for s in image.GetSpacing()]
     result["e2e_runs"] = runs
@@ -200,7 +206,20 @@ def run_training_worker(spec: dict) -> dict:
 def worker_main(spec_path: str) -> int:
     """Run the case or training spec in the JSON file; the result goes where the spec says."""
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    result = run_training_worker(spec) if spec["kind"] == "train" else run_case_worker(spec)
+    if spec["kind"] == "train":
+        result = run_training_worker(spec)
+    elif spec["kind"] == "monai_pipeline":
+        from .peers import monai_pipeline, segmentation_agreement
+        if spec.get("threads"):
+            import torch
+            torch.set_num_threads(int(spec["threads"]))
+        result = monai_pipeline(spec)
+        result["peak_rss_mb"] = _peak_rss_mb()
+        result["agreement"] = segmentation_agreement(spec["ours_seg"], result["seg_path"], spec.get("keep"))
+    else:
+        from MultiTaskSegLib.inference import allow_malloc_tuning
+        allow_malloc_tuning()  # as `mtseg predict` runs (its process is its own)
+        result = run_case_worker(spec)
     Path(spec["result"]).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
