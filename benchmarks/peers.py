@@ -90,10 +90,10 @@ def monai_pipeline(spec: dict) -> dict:
     runs = []
     for _ in range(spec["repeats"]):
         stages, t0, c0 = {}, time.perf_counter(), time.process_time()
-        t = t0
-        for name, step in [("load", load), ("preprocess", prepare)]:
-            data = step({"image": spec["path"]} if name == "load" else data)
-            stages[name], t = time.perf_counter() - t, time.perf_counter()
+        data = load({"image": spec["path"]})
+        stages["load"], t = time.perf_counter() - t0, time.perf_counter()
+        data = prepare(data)
+        stages["preprocess"], t = time.perf_counter() - t, time.perf_counter()
         with torch.inference_mode():
             logits = sliding_window_inference(data["image"][None], roi, window.batch_size, network,
                                               overlap=window.overlap, padding_mode="constant", cval=0.0,
