@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite.
+# Set up (if needed) and run the test suite (the benchmark extra too, so the MONAI peer is tested).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+EXTRAS=${EXTRAS:-train,test,bench} ./scripts/setup.sh
 exec .venv/bin/python -m pytest -q Testing "$@"
