@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""A/B of the training step's CPU cost: fp32 vs bf16 autocast, contiguous vs channels-last 3D.
+
+    python benchmarks/train_step_ab.py [--threads 1] [--steps 4] [--repeats 2]
+
+Times process CPU time per step (not wall time), so the figures hold on a machine shared with other
+jobs; the default architecture, batch 2 of 64³ patches, the partial-label loss and AdamW, as
+`mtseg train` runs them. The modes alternate, so slow drifts hit all of them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
+from MultiTaskSegTraining.losses import partial_label_loss
+
+MODES = {"fp32": (False, False), "bf16": (True, False), "fp32 channels-last": (False, True),
+         "bf16 channels-last": (True, True)}
+
+
+def cpu_seconds_per_step(bf16: bool, channels_last: bool, steps: int) -> float:
+    torch.manual_seed(0)
+    config = NetworkConfig(1, 14, (8, 16, 32, 64, 128), 1, 0.1, 5)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = ResidualUNet3D(config).train().to(memory_format=fmt)
+    x = torch.rand(2, 1, 64, 64, 64).to(memory_format=fmt)
+    y = (x[:, 0] > 0.7).long() * 3
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    times = []
+    for k in range(steps + 1):  # the first step warms up
+        t0 = time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(x)
+        loss = partial_label_loss(logits.float(), y, [[1, 2, 3]] * 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if k:
+            times.append(time.process_time() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(args.repeats):
+        for mode, (bf16, cl) in MODES.items():
+            results[mode].append(cpu_seconds_per_step(bf16, cl, args.steps))
+    base = np.median(results["fp32"])
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch 2 × 64³, CPU seconds per step (median)")
+    for mode, values in results.items():
+        print(f"  {mode:20s} {np.median(values):.3f} s  ({base / np.median(values):.2f}× fp32)")
+
+
+if __name__ == "__main__":
+    main()
