@@ -80,7 +80,7 @@ class Predictor:
         self.window: WindowConfig = bundle.window
         self.preprocessing = bundle.preprocessing
         self.context_labels = [list(c["labels"]) for c in bundle.contexts]
-        self.inference_meta = bundle.meta.get("inference", {})
+        self.inference = bundle.schema.inference
 
     # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
     def window_config(self, options: PredictOptions) -> WindowConfig:
@@ -113,7 +113,7 @@ class Predictor:
 
     def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
         """Index of the context: the context head's argmax, or the nearest training signature's context."""
-        if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
+        if context_logits is not None and self.inference.context_source == "head":
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
 
@@ -169,7 +169,7 @@ class Predictor:
         context_index = self.recognise_context(result.context_logits, ood)
         restrict = options.restrict_to_context
         if restrict is None:
-            restrict = bool(self.inference_meta.get("restrict_to_context", False))
+            restrict = bool(self.inference.restrict_to_context)
         if restrict:
             entropy = normalised_entropy(merge_other_contexts(probs, self.context_labels[context_index]))
         else:
@@ -187,7 +187,8 @@ class Predictor:
             restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
         t = time.perf_counter()
-        keep_largest_component(labels, self.bundle.meta.get("postprocessing", {}).get("largest_component", []))
+        post = self.bundle.schema.postprocessing
+        keep_largest_component(labels, post.largest_component if post else [])
         timings["postprocess"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0
