@@ -46,13 +46,22 @@ from typing import Sequence
 
 import numpy as np
 
+from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 
 from .data import Case, preprocess_case
 from .evaluate_aggregate import context_metrics, definitions, detector_metrics, recognition_overall
-from .evaluate_case import (Baselines, EvalOptions, Evaluator, log, new_calibration_bins, score_ood_volume,
-                            score_test_case, size_check)
+from .evaluate_case import (
+    Baselines,
+    EvalOptions,
+    Evaluator,
+    log,
+    new_calibration_bins,
+    score_ood_volume,
+    score_test_case,
+    size_check,
+)
 from .evaluate_data import EvalDataset, header_voxels, match_datasets, ood_volumes, pick_even
 from .evaluate_metrics import PooledReliability, dice, hd95, json_clean, summarise  # noqa: F401  (public names)
 from .ood_baselines import MahalanobisDetector, SizeControlDetector, file_geometry
@@ -230,9 +239,7 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
                                   size_records, spectral_name, out)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     metrics = json_clean(metrics)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     log(f"wrote {out / 'metrics.json'} and {len(metrics['plots'])} plot(s) in {metrics['seconds'] / 60:.1f} min",
         quiet)
     return metrics

@@ -134,3 +134,16 @@ def test_schema_keeps_unknown_keys_and_refuses_a_malformed_block(bundle_copy):
     with pytest.raises(BundleError, match="malformed"):
         load_bundle(bundle_copy)
 
+
+def test_atomic_write_replaces_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    from MultiTaskSegLib.atomic import atomic_path, write_text_atomic
+    target = tmp_path / "out.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "a temporary file was left behind"

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_text_atomic
 from .bundle_schema import BundleMeta
 from .errors import BundleError
 from .inference import WindowConfig
@@ -162,7 +163,5 @@ def save_bundle(path: str | os.PathLike, meta: BundleMeta | dict, state_dict: di
     meta = meta.to_dict() if isinstance(meta, BundleMeta) else dict(meta)
     meta["format_version"] = FORMAT_VERSION
     meta["files"] = {name: sha256_file(path / name) for name in (MODEL_FILE, SIGNATURES_FILE)}
-    tmp = path / f".{META_FILE}.partial"
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, path / META_FILE)
+    write_text_atomic(path / META_FILE, json.dumps(meta, indent=2))
     return load_bundle(path)
