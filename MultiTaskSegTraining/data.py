@@ -205,7 +205,8 @@ def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, 
     # modality detected from intensities exactly as at inference, so training sees what users will
     pre = preprocess(image, config, None)
     if pre.modality != spec.modality:
-        warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}")
+        warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}",
+                      stacklevel=2)
     lab = resample_label_to_grid(label, pre.grid)
     shape_mm = tuple(np.array(image.GetSize()) * np.array(image.GetSpacing()))
     with atomic_path(path, suffix=".npz") as tmp:  # per process: data-parallel ranks may cache a case at once

@@ -81,7 +81,7 @@ def _work_list(datasets: list[EvalDataset], options: EvalOptions) -> tuple[list[
         if options.max_cases_per_context is not None:
             cases = cases[:options.max_cases_per_context]
         if not cases:
-            warnings.warn(f"{ds.spec.name}: no {options.split} case in the bundle's split")
+            warnings.warn(f"{ds.spec.name}: no {options.split} case in the bundle's split", stacklevel=2)
         test_cases += [(ds, c) for c in cases]
     if not test_cases:
         raise MultiTaskSegError(f"the bundle's split has no {options.split} case for the datasets given")
@@ -180,7 +180,6 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
     size_records: list[dict] = []
     signatures_test: list[tuple[np.ndarray, int]] = []
     signatures_ood: list[np.ndarray] = []
-    names = bundle.context_names
     for i, (ds, case) in enumerate(test_cases):
         t0 = time.perf_counter()
         title = f"[{i + 1}/{len(test_cases)}] {ds.spec.name}/{case.case_id}"

@@ -57,7 +57,7 @@ def match_datasets(bundle: Bundle, data_dirs: Sequence[str | os.PathLike]) -> li
         recorded = {r.get("name"): r.get("sha256") for r in training.get("datasets", []) if isinstance(r, dict)}
         if recorded.get(spec.name) and recorded[spec.name] != spec.content_hash():
             warnings.warn(f"{spec.root}: content hash differs from the one recorded at training time "
-                          "(files changed since); evaluating anyway")
+                          "(files changed since); evaluating anyway", stacklevel=2)
         ci = names.index(spec.name)
         allowed = [int(v) for v in bundle.contexts[ci]["labels"]]
         label_names = bundle.label_names

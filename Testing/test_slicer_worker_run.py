@@ -18,10 +18,10 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
+from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
 from MultiTaskSegLib.worker_process import PACKAGE_PARENT  # noqa: E402
 from MultiTaskSegMRML import adapter  # noqa: E402
-from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from slicer_shell import import_shell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
