@@ -35,7 +35,7 @@ class Block:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = {k: v for k, v in out.items() if v is not None or k in self.ALWAYS}
-        return {**out, **self.extra}
+        return {**out, **getattr(self, "extra")}  # noqa: B009 (each subclass declares it, see above)
 
 
 @dataclass
