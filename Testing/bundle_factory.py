@@ -10,25 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from MultiTaskSegLib import bundle_schema as schema
 from MultiTaskSegLib.bundle import Bundle, save_bundle
-from MultiTaskSegLib.bundle_schema import (
-    BundleMeta,
-    Calibration,
-    ContextEntry,
-    InferenceBlock,
-    LabelEntry,
-    OodBlock,
-    PreprocessingBlock,
-    TrainingBlock,
-)
 from MultiTaskSegLib.inference import WindowConfig
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
 from MultiTaskSegLib.preprocessing import PreprocessingConfig
 from MultiTaskSegLib.terminology import describe
 
 LABELS = [("liver", "AbdomenPhantomCT"), ("spleen", "AbdomenPhantomCT"), ("left ventricle", "HeartPhantomMR")]
-CONTEXTS = [ContextEntry("AbdomenPhantomCT", "CT", "abdomen", labels=[1, 2], n_training_cases=2),
-            ContextEntry("HeartPhantomMR", "MR", "heart", labels=[3], n_training_cases=2)]
+CONTEXTS = [schema.ContextEntry("AbdomenPhantomCT", "CT", "abdomen", labels=[1, 2], n_training_cases=2),
+            schema.ContextEntry("HeartPhantomMR", "MR", "heart", labels=[3], n_training_cases=2)]
 
 
 def make_untrained_bundle(path: Path, seed: int = 0, spacing: float = 4.0, patch: int = 32,
@@ -41,15 +32,15 @@ def make_untrained_bundle(path: Path, seed: int = 0, spacing: float = 4.0, patch
     rng = np.random.default_rng(seed)
     signatures = rng.normal(size=(4, dim))
     signatures /= np.linalg.norm(signatures, axis=1, keepdims=True)
-    meta = BundleMeta(
+    meta = schema.BundleMeta(
         architecture=config,
-        preprocessing=PreprocessingBlock(PreprocessingConfig((spacing,) * 3), WindowConfig((patch,) * 3, 0.5, 2)),
-        labels=[LabelEntry(i + 1, n, c, **describe(n, i)) for i, (n, c) in enumerate(LABELS)],
+        preprocessing=schema.PreprocessingBlock(PreprocessingConfig((spacing,) * 3), WindowConfig((patch,) * 3, 0.5, 2)),
+        labels=[schema.LabelEntry(i + 1, n, c, **describe(n, i)) for i, (n, c) in enumerate(LABELS)],
         contexts=CONTEXTS,
-        calibration=Calibration(temperature=1.0),
-        ood=OodBlock(detector="spectral", layers=layers, spectrum_length=None, threshold=0.5,
+        calibration=schema.Calibration(temperature=1.0),
+        ood=schema.OodBlock(detector="spectral", layers=layers, spectrum_length=None, threshold=0.5,
                      threshold_rule="test value"),
-        inference=InferenceBlock(restrict_to_context=False, context_source="head"),
-        training=TrainingBlock(extra={"note": "untrained test bundle"}),
+        inference=schema.InferenceBlock(restrict_to_context=False, context_source="head"),
+        training=schema.TrainingBlock(extra={"note": "untrained test bundle"}),
     )
     return save_bundle(path, meta, net.state_dict(), signatures, [0, 0, 1, 1], ["a1", "a2", "h1", "h2"])
