@@ -104,7 +104,7 @@ def _fit_baselines(ev: Evaluator, datasets: list[EvalDataset], train_cases: list
     geometry_train = np.stack([file_geometry(c.image) for ds in datasets for c in ds.cases("train")])
     size_detector = SizeControlDetector.fit(geometry_train)
     bundle = ev.bundle
-    cache = Path(options.cache_dir or (bundle.meta.get("training", {}).get("config", {}) or {}).get("cache_dir")
+    cache = Path(options.cache_dir or (bundle.schema.training.config or {}).get("cache_dir")
                  or Path.home() / ".cache" / "multitaskseg" / "preprocessed")
     train_features, train_ctx = [], []
     for i, (ds, case) in enumerate(train_cases):

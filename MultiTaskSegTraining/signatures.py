@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from MultiTaskSegLib.fast_inference import enable_cpu_kernels
 from MultiTaskSegLib.inference import WindowConfig, sliding_window
 from MultiTaskSegLib.ood import signature_from_grams
 
@@ -26,7 +27,7 @@ def case_signatures(model: torch.nn.Module, cases: list[CachedCase], window: Win
     """Signatures of every case (plus ``augmentations`` variants each): (N×D, context index, case ids)."""
     rng = np.random.default_rng(seed + 17)
     rows, contexts, ids = [], [], []
-    model.eval()
+    enable_cpu_kernels(model.eval())  # the kernels the Predictor runs: signatures exactly as at inference
     for case in cases:
         variants = [("", case.image.astype(np.float32))]
         variants += [(f"#aug{k + 1}", _variant(case.image, rng)) for k in range(augmentations)]

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from MultiTaskSegLib.fast_inference import enable_cpu_kernels
 from MultiTaskSegLib.inference import WindowConfig, sliding_window
 
 from .data import CachedCase
@@ -20,6 +21,7 @@ def fit_temperature(model: torch.nn.Module, cases: list[CachedCase], window: Win
     if not cases:
         return 1.0, None
     rng = np.random.default_rng(seed)
+    enable_cpu_kernels(model)  # the logits the Predictor computes
     samples = []
     for case in cases:
         logits = sliding_window(model, case.image.astype(np.float32), window, device).logits

@@ -259,6 +259,10 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
         log.info("training done: %d steps in %.1f min; finalising the bundle", run.step, run.elapsed / 60)
         finalise(config, run.model.eval(), run.specs, run.splits, run.preprocessing, run.space, run.cases, output,
                  dev, run.step, run.elapsed)
+        if config.trust_fit_cases != 0:
+            from .trust_finalise import refit_trust  # the same code as `mtseg finalise`
+            refit_trust(output, config.data, output, fit_cases=config.trust_fit_cases, device=str(dev),
+                        overwrite=True, log=log.info)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()

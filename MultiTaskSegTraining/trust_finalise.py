@@ -50,7 +50,7 @@ def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path
     records = run_all(Predictor(bundle, device), jobs, records_dir or default_records_dir(bundle_path), log)
     fit = [r for r in records if r["family"] == "fit"]
     fit_shift = [r for r in records if r["family"] == "fit_shift"]
-    layers = LAYER_SETS[DEFAULT_LAYERS]
+    layers = list(bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # the run's ood_layers
     det, loo = fit_detector(fit, layers, bundle.context_names)
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     quality = fit_quality(fit + fit_shift, np.concatenate([loo, loo_scores(det, fit_shift)]), det.threshold,

@@ -37,10 +37,9 @@ def test_fast_forward_equals_training_layers(shape, batch, weights_channels_last
     taps = model.layer_names
     with torch.enable_grad():  # the plain layers (the path training takes)
         ref, ref_feats = model(x, taps=taps)
-    if weights_channels_last:
-        model = model.to(memory_format=fast.CHANNELS_LAST)
+    model = fast.prepare_for_cpu_inference(model) if weights_channels_last else fast.enable_cpu_kernels(model)
     with torch.inference_mode():
-        assert fast.use_fast_path(x)
+        assert fast.use_fast_path(x, model)
         out, feats = model(x, taps=taps)
     assert out.is_contiguous() and out.shape == ref.shape
     torch.testing.assert_close(out, ref.detach(), rtol=1e-4, atol=1e-4)
@@ -64,7 +63,7 @@ def test_instance_norm_is_exact_far_from_zero_mean():
 
 
 def test_mc_dropout_stays_stochastic_on_the_fast_path():
-    model = _random_network(dropout=0.5)
+    model = fast.enable_cpu_kernels(_random_network(dropout=0.5))
     enable_mc_dropout(model, True)
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.inference_mode():
@@ -131,14 +130,15 @@ def test_recorded_placements_are_monais_where_installed():
         assert [int(s[0].start) for s in data_utils.dense_patch_slices((size,), (64,), interval)] == recorded, key
 
 
-def test_fast_path_only_for_plain_cpu_inference():
+def test_fast_path_only_for_a_prepared_model_in_plain_cpu_inference():
     x = torch.zeros(1, 1, 4, 4, 4)
+    model = _random_network()
     with torch.inference_mode():
-        assert fast.use_fast_path(x)
-        assert not fast.use_fast_path(x.double())
-        with fast.plain_layers():
-            assert not fast.use_fast_path(x)
+        assert not fast.use_fast_path(x, model)  # as built or loaded: PyTorch's layers (the benchmark's peer)
+        fast.prepare_for_cpu_inference(model)
+        assert fast.use_fast_path(x, model) and all(b.cpu_kernels for b in model.encoders[0])
+        assert not fast.use_fast_path(x.double(), model)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # opt-in bf16 runs the standard layers
-            assert not fast.use_fast_path(x)
-        assert fast.use_fast_path(x)
-    assert not fast.use_fast_path(x)  # autograd on: training
+            assert not fast.use_fast_path(x, model)
+        assert fast.use_fast_path(x, model)
+    assert not fast.use_fast_path(x, model)  # autograd on: training

@@ -118,3 +118,21 @@ def test_modality_override():
 def test_config_round_trip():
     config = PreprocessingConfig((1.5, 1.5, 3.0), (-100.0, 200.0), (1.0, 99.0))
     assert PreprocessingConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("slices,spacing", [(3, (0.7, 0.7, 5.0)), (2, (0.7, 0.7, 0.7)), (3, (0.7, 0.7, 0.7))])
+def test_thin_slabs_are_segmented(untrained_bundle, slices, spacing):
+    """Issue 14: fewer than four slices crashed ITK's recursive Gaussian; they are segmented now."""
+    from MultiTaskSegLib.predictor import Predictor
+
+    image, _ = phantoms.ct_phantom((60, 56, slices), spacing, seed=2)
+    pre = preprocess(image, PreprocessingConfig())
+    assert np.isfinite(pre.array).all() and pre.array.max() > 0
+    prediction = Predictor(untrained_bundle, "cpu").predict(image)
+    assert prediction.labels.GetSize() == image.GetSize()
+    assert 0.0 <= prediction.mean_uncertainty <= 1.0
+
+
+def test_oblique_thin_slab_goes_through_sitk():
+    image, _ = phantoms.ct_phantom((40, 36, 3), (0.7, 0.7, 0.7), seed=2, direction=phantoms.oblique_lps_direction())
+    assert np.isfinite(preprocess(image, PreprocessingConfig()).array).all()

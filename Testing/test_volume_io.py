@@ -110,3 +110,28 @@ def test_array_to_image_copies_reference_geometry():
     image, _ = phantoms.ct_phantom((10, 9, 8), ANISO, direction=OBLIQUE)
     out = array_to_image(np.zeros((8, 9, 10), np.uint8), image)
     _assert_same_geometry(out, image)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, suffix):
+    """The uncertainty file: uint8 steps, scl_slope 1/255 in the header; readers get [0, 1] floats back."""
+    import gzip
+    import struct
+
+    from MultiTaskSegLib.volume_io import write_fraction_map
+
+    image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
+    rng = np.random.default_rng(0)
+    values = np.clip(rng.random(sitk.GetArrayViewFromImage(image).shape, dtype=np.float32) * 1.2 - 0.1, 0, 1)
+    fraction = array_to_image(values, image)
+    path = tmp_path / f"uncertainty{suffix}"
+    write_fraction_map(fraction, path)
+    assert not list(tmp_path.glob(".*partial*"))
+    header = (gzip.open if suffix == ".nii.gz" else open)(path, "rb").read(348)
+    datatype, = struct.unpack("<h", header[70:72])
+    slope, inter = struct.unpack("<2f", header[112:120])
+    assert datatype == 2 and abs(slope - 1 / 255) < 1e-9 and inter == 0.0  # NIfTI uint8
+    back = read_volume(path)
+    _assert_same_geometry(back, image)
+    assert back.GetPixelID() == sitk.sitkFloat32
+    assert np.abs(sitk.GetArrayFromImage(back) - values).max() <= 1 / 510 + 1e-6

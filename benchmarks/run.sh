@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate BENCHMARKS.md (and BENCHMARKS.json) at the repository root.
-# Needs the bench extra: .venv/bin/pip install -e '.[bench]'  (MONAI, psutil; torch stays as pinned)
+# Needs the bench extra: .venv/bin/pip install -e '.[bench]'  (MONAI, psutil, nibabel; torch stays as pinned)
 # On a shared machine run it niced; ratios measured in the same run stay meaningful.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,39 +10,35 @@ caller has just created. Outputs equal the training layers' up to float rounding
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import torch
 from torch import nn
 
 CHANNELS_LAST = torch.channels_last_3d
-_state = threading.local()
 
 
-def use_fast_path(x: torch.Tensor) -> bool:
-    """CPU, float32, no autograd, no autocast (opt-in bf16 keeps the standard layers, whose norms
-    autocast handles) and not inside ``plain_layers``: the case these kernels are for."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not getattr(_state, "plain", False))
+def use_fast_path(x: torch.Tensor, module: nn.Module) -> bool:
+    """A module whose kernels were switched on (``enable_cpu_kernels``) running on CPU, float32, no
+    autograd, no autocast (opt-in bf16 keeps the standard layers, whose norms autocast handles)."""
+    return (getattr(module, "cpu_kernels", False) and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
 
 
-@contextlib.contextmanager
-def plain_layers():
-    """Run the network on aten's standard layers in this thread (the benchmark's MONAI peer)."""
-    previous = getattr(_state, "plain", False)
-    _state.plain = True
-    try:
-        yield
-    finally:
-        _state.plain = previous
+def enable_cpu_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let ``model`` use these kernels whenever ``use_fast_path`` allows (a model as built or loaded does
+    not: it runs PyTorch's standard layers, e.g. as a benchmark's peer)."""
+    for m in model.modules():
+        if hasattr(m, "cpu_kernels"):
+            m.cpu_kernels = enabled
+    return model
 
 
 def prepare_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Channels-last weights: oneDNN then needs no per-call weight reorder (~6 % on the default model).
-    Same values; ``save_bundle`` stores contiguous copies, so a bundle written from it is unchanged."""
-    return model.to(memory_format=CHANNELS_LAST)
+    """The kernels on, and channels-last weights: oneDNN then needs no per-call weight reorder (~6 % on
+    the default model). Same values; ``save_bundle`` stores contiguous copies, so a bundle written from
+    it is unchanged."""
+    return enable_cpu_kernels(model.to(memory_format=CHANNELS_LAST))
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ class NetworkConfig:
 
 
 class ResBlock(nn.Module):
+    cpu_kernels = False  # fast_inference.enable_cpu_kernels switches it on for inference
+
     def __init__(self, cin: int, cout: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -49,7 +51,7 @@ class ResBlock(nn.Module):
                                       nn.InstanceNorm3d(cout, affine=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fast.use_fast_path(x):
+        if fast.use_fast_path(x, self):
             return self._forward_fast(x)
         y = F.leaky_relu(self.norm1(self.conv1(x)), 0.01)
         y = self.drop(y)
@@ -70,6 +72,8 @@ class ResBlock(nn.Module):
 
 
 class ResidualUNet3D(nn.Module):
+    cpu_kernels = False  # fast_inference.enable_cpu_kernels switches it on for inference
+
     def __init__(self, config: NetworkConfig):
         super().__init__()
         self.config = config
@@ -114,7 +118,7 @@ class ResidualUNet3D(nn.Module):
             skips.append(x)
         if self.context_head is not None:
             features["context"] = self.context_head(x.mean(dim=(2, 3, 4)))
-        quick = fast.use_fast_path(x)
+        quick = fast.use_fast_path(x, self)
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             i = depth - 2 - j
             x = dec(fast.up_cat(cast(nn.ConvTranspose3d, up), x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1))

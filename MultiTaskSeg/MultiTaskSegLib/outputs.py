@@ -1,7 +1,7 @@
 """The files a prediction leaves behind, written by `mtseg predict` and the worker alike, and read back.
 
-``OUT/<case>_seg.nii.gz`` (uint8 labels), ``OUT/<case>_uncertainty.nii.gz`` (float32 in [0, 1]),
-both on the input grid, and ``OUT/<case>.json`` (the report, DESIGN.md). One writer, so what the
+``OUT/<case>_seg.nii.gz`` (uint8 labels), ``OUT/<case>_uncertainty.nii.gz`` (uint8 with scl_slope
+1/255: readers get floats in [0, 1] in steps of 1/255), both on the input grid, and ``OUT/<case>.json`` (the report, DESIGN.md). One writer, so what the
 Slicer module loads is exactly what the command line writes.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import SimpleITK as sitk
 
 from .atomic import write_text_atomic
-from .volume_io import write_volume
+from .volume_io import write_fraction_map, write_volume
 
 if TYPE_CHECKING:  # torch stays unloaded for readers of results (the Slicer module imports this without torch)
     from .predictor import Prediction
@@ -34,10 +34,12 @@ def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dic
     large CT would freeze Slicer for seconds). The voxels are the same either way.
     """
     for key, image in (("seg", prediction.labels), ("uncertainty", prediction.uncertainty)):
-        if raw:
+        if raw:  # float32 uncertainty as computed: the module keeps full precision in the scene
             sitk.WriteImage(image, str(paths[key]), useCompression=False)
-        else:
+        elif key == "seg":
             write_volume(image, paths[key])
+        else:
+            write_fraction_map(image, paths[key])  # quantised and quickly compressed (BENCHMARKS.md)
     report = {**prediction.report(), **(extra or {})}
     write_text_atomic(paths["report"], json.dumps(report, indent=2))
     return report

@@ -16,12 +16,14 @@ import torch
 from .bundle import Bundle
 from .errors import InputVolumeError, MultiTaskSegError
 from .fast_inference import prepare_for_cpu_inference
+from .grid_mapping import labels_on_target
 from .inference import ProgressCallback, WindowConfig, WindowResult, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
 from .quality import QualityResult, structure_evidence
+from .resampling import axis_maps, resample_slab, slabs
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
 from .volume_io import array_to_image, validate_volume
 
@@ -210,32 +212,42 @@ class Predictor:
     @staticmethod
     def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
                        reference: sitk.Image, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Argmax of linearly resampled probabilities on the input grid, one class at a time.
+        """Argmax of linearly resampled probabilities on the input grid, and the resampled uncertainty.
 
-        A class whose probability never reaches 1/C on the canonical grid cannot win the
-        argmax anywhere after linear interpolation, so it is skipped (exact, and much less work
-        and memory on large CTs).
+        Axis-aligned inputs (every scanner volume in practice) take the torch path, which skips most
+        of the per-class work (grid_mapping.py); oblique ones SimpleITK.
         """
         n = probs.shape[0]
-        best = None
-        labels = None
-        for c in range(n):
-            channel = probs[c].numpy()
-            if c > 0 and channel.max() < 1.0 / n:
-                continue
-            p = grid_to_input(channel, grid, reference, default=1.0 if c == 0 else 0.0)
-            if best is None:
-                best, labels = p, np.zeros(p.shape, np.uint8)
-            else:
-                win = p > best
-                labels[win] = c
-                np.maximum(best, p, out=best)
+        maps = axis_maps(grid, reference)
+        if maps is None:
+            classes = [c for c in range(n) if c == 0 or float(probs[c].max()) >= 1.0 / n]
+            labels = Predictor._labels_sitk(probs, classes, grid, reference)
+        else:
+            labels = labels_on_target(probs, maps)
         t = time.perf_counter()
-        uncertainty = grid_to_input(entropy.numpy().astype(np.float32), grid, reference)
+        if maps is None:
+            uncertainty = grid_to_input(entropy.numpy().astype(np.float32), grid, reference)
+        else:
+            uncertainty = np.empty(labels.shape, np.float32)
+            for rows in slabs(maps, 1):
+                uncertainty[rows] = resample_slab(entropy.float()[None], maps, rows, [0.0])[0].numpy()
         np.clip(uncertainty, 0.0, 1.0, out=uncertainty)
         if timings is not None:
             timings["resample_uncertainty"] = time.perf_counter() - t  # part of "resample"
         return labels, uncertainty.astype(np.float32, copy=False)
+
+    @staticmethod
+    def _labels_sitk(probs: torch.Tensor, classes: list[int], grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
+        """The argmax through SimpleITK, one class at a time (oblique input grids)."""
+        best = labels = None
+        for c in classes:
+            p = grid_to_input(probs[c].numpy(), grid, reference, default=1.0 if c == 0 else 0.0)
+            if best is None:
+                best, labels = p, np.zeros(p.shape, np.uint8)
+            else:
+                labels[p > best] = c
+                np.maximum(best, p, out=best)
+        return labels
 
     to_input_grid = _to_input_grid  # the public name of the stage
 

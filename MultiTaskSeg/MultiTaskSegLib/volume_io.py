@@ -164,6 +164,54 @@ def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+FRACTION_STEPS = 255  # a [0, 1] map on disk: uint8 k means k / 255 (scl_slope), error at most 1/510
+
+
+def write_fraction_map(image: sitk.Image, path: str | os.PathLike, level: int = 1) -> None:
+    """A float map with values in [0, 1] (the uncertainty) written as uint8 NIfTI with scl_slope 1/255.
+
+    Every NIfTI reader (ITK and so Slicer, nibabel) applies the slope and gets floats in [0, 1] back,
+    within 1/510 (+ float rounding) of the values in memory; the file is a quarter of float32 and gzip ``level`` 1
+    compresses it several times faster than ITK's default. Other formats are written as float32.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        write_volume(image, path)
+        return
+    values = sitk.GetArrayViewFromImage(image)
+    steps = np.empty(values.shape, np.uint8)
+    flat, out = values.reshape(-1), steps.reshape(-1)
+    chunk = np.empty(min(flat.size, 1 << 22), np.float32)  # no full-size float temporary
+    for i in range(0, flat.size, chunk.size):
+        part = chunk[:min(chunk.size, flat.size - i)]
+        np.clip(flat[i:i + part.size], 0.0, 1.0, out=part)
+        part *= FRACTION_STEPS
+        np.rint(part, out=part)
+        out[i:i + part.size] = part
+    quantised = sitk.GetImageFromArray(steps)
+    quantised.CopyInformation(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_name(f".{path.name}.partial.nii")
+    try:
+        sitk.WriteImage(quantised, str(raw), useCompression=False)  # ITK writes the geometry
+        with open(raw, "r+b") as f:
+            order = "<" if struct.unpack("<i", f.read(4))[0] == 348 else ">"
+            f.seek(112)  # scl_slope, scl_inter, then (after slice_end/code, xyzt_units) cal_max, cal_min
+            f.write(struct.pack(order + "2f", 1.0 / FRACTION_STEPS, 0.0))
+            f.seek(124)
+            f.write(struct.pack(order + "2f", 1.0, 0.0))
+        if path.name.lower().endswith(".gz"):
+            tmp = path.with_name(f".{path.name}.partial")
+            with open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=level) as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+            os.replace(tmp, path)
+        else:
+            os.replace(raw, path)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
 def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """Array (z, y, x) → image carrying the reference geometry."""
     image = sitk.GetImageFromArray(array)
