@@ -177,7 +177,8 @@ def test_evaluate_end_to_end(trained):
         assert set(ctx["context_recognition"]) >= {"head", "signature"}
     detectors = metrics["ood"]["detectors"]
     layers = meta["ood"]["layers"]
-    expected = {f"spectral:{'+'.join(layers)}", *(f"spectral:{l}" for l in layers), "entropy_whole",
+    kind = "spectral-ctx" if meta["ood"].get("context_scale") else "spectral"  # training ends with the trust fit
+    expected = {f"{kind}:{'+'.join(layers)}", *(f"spectral:{l}" for l in layers), "entropy_whole",
                 "entropy_foreground", "max_softmax", "mc_dropout_entropy", "mahalanobis", "size_control"}
     assert set(detectors) == expected
     for d in detectors.values():

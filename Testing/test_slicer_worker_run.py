@@ -114,7 +114,8 @@ def test_apply_loads_exactly_what_mtseg_predict_writes(shell, scene, untrained_b
     assert np.array_equal(exported_labels(scene, outputs.segmentation, node), cli_labels)
     from vtk.util import numpy_support
     unc = numpy_support.vtk_to_numpy(outputs.uncertainty.GetImageData().GetPointData().GetScalars())
-    assert np.allclose(unc.reshape(cli_unc.shape), cli_unc, rtol=0, atol=1e-6)  # float rounding at most
+    # the CLI file is quantised to steps of 1/255 (BENCHMARKS.md); the scene keeps the float32 map
+    assert np.allclose(unc.reshape(cli_unc.shape), cli_unc, rtol=0, atol=0.5 / 255 + 1e-6)
     assert outputs.segmentation.GetAttribute(adapter.ATTR_OOD_SCORE) is not None
     assert outputs.segmentation.GetAttribute(adapter.ATTR_EXPECTED_DICE) is None  # today's bundle: no estimate
 
