@@ -143,6 +143,7 @@ def trained(tmp_path_factory):
     return root, data, bundle, [ood, plain]
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(trained):
     root, data, bundle, ood = trained
     out = root / "evaluation"
