@@ -65,6 +65,11 @@ class Prediction:
                 "timings_s": self.timings_s}
 
 
+# Below this many input voxels SimpleITK's per-class resampling takes less CPU time than the torch path
+# (measured, same process: 1.4 M voxels 0.55 vs 1.3 s; 2 M equal; 11 M 3.9 vs 2.7 s; 78 M 35 vs 13 s).
+_TORCH_MIN_VOXELS = 4_000_000
+
+
 class Predictor:
     """Holds a loaded model and detector; ``predict`` may be called for many images."""
 
@@ -214,11 +219,11 @@ class Predictor:
                        reference: sitk.Image, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Argmax of linearly resampled probabilities on the input grid, and the resampled uncertainty.
 
-        Axis-aligned inputs (every scanner volume in practice) take the torch path, which skips most
-        of the per-class work (grid_mapping.py); oblique ones SimpleITK.
+        Large axis-aligned inputs (every scanner volume in practice) take the torch path, which skips
+        most of the per-class work (grid_mapping.py); small and oblique ones SimpleITK.
         """
         n = probs.shape[0]
-        maps = axis_maps(grid, reference)
+        maps = axis_maps(grid, reference) if np.prod(reference.GetSize()) >= _TORCH_MIN_VOXELS else None
         if maps is None:
             classes = [c for c in range(n) if c == 0 or float(probs[c].max()) >= 1.0 / n]
             labels = Predictor._labels_sitk(probs, classes, grid, reference)
