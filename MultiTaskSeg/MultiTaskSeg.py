@@ -13,7 +13,11 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 # Only torch-free parts at import time: the module must load (and offer to install torch) in a
@@ -21,8 +25,8 @@ from slicer.util import VTKObservationMixin
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.ood_gauge import context_description, gauge_layout
-from MultiTaskSegShell.logic import MultiTaskSegLogic, MultiTaskSegParameterNode, chosenModelPath
 from MultiTaskSegMRML.adapter import quality_text
+from MultiTaskSegShell.logic import MultiTaskSegLogic, MultiTaskSegParameterNode, chosenModelPath
 
 #: SHA-256 of Resources/SampleData/totalseg_ct01.nii.gz (SampleData checks it after copying).
 SAMPLE_SHA256 = "7811475c3e61c4310c51b56998b365ef5d561919388ecb89839f3cf119389e8c"
@@ -342,8 +346,9 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
         self.test_MultiTaskSeg_segment_sample()
 
     def test_MultiTaskSeg_segment_sample(self) -> None:
-        from MultiTaskSegMRML.selftest import default_bundle_missing_reason, run_selftest
         import importlib.util
+
+        from MultiTaskSegMRML.selftest import default_bundle_missing_reason, run_selftest
         reason = default_bundle_missing_reason()
         if reason is None and importlib.util.find_spec("torch") is None and slicer.app.testingEnabled():
             # a build machine in testing mode: do not install gigabytes of PyTorch for a self-test

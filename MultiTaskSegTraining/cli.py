@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 from MultiTaskSegLib.errors import MultiTaskSegError
 
@@ -14,45 +17,35 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with calibrated uncertainty and spectral OOD detection")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import predict_cmd
-    p = sub.add_parser("predict", help="segment volumes with a model bundle")
-    predict_cmd.add_arguments(p)
-    p.set_defaults(run=predict_cmd.run)
-    try:
-        from . import train_cmd
-        p = sub.add_parser("train", help="train a bundle on MSD-format datasets (joint, dedicated or fine-tune)")
-        train_cmd.add_arguments(p)
-        p.set_defaults(run=train_cmd.run)
-    except ImportError as exc:  # training extras not installed
-        _missing(sub, "train", exc)
-    try:
-        from . import evaluate_cmd
-        p = sub.add_parser("evaluate", help="Dice/HD95, calibration and OOD detection metrics for a bundle")
-        evaluate_cmd.add_arguments(p)
-        p.set_defaults(run=evaluate_cmd.run)
-    except ImportError as exc:
-        _missing(sub, "evaluate", exc)
-    try:
-        from . import finalise_cmd
-        p = sub.add_parser("finalise", help="refit a bundle's OOD detector and quality model (same weights)")
-        finalise_cmd.add_arguments(p)
-        p.set_defaults(run=finalise_cmd.run)
-    except ImportError as exc:
-        _missing(sub, "finalise", exc)
-    try:
-        from . import trust_cmd
-        p = sub.add_parser("trust", help="trust benchmark: OOD detection, artefacts and failure detection of a bundle")
-        trust_cmd.add_arguments(p)
-        p.set_defaults(run=trust_cmd.run)
-    except ImportError as exc:
-        _missing(sub, "trust", exc)
-    try:
-        bench = _benchmarks()
-        p = sub.add_parser("bench", help="benchmark predict and training against MONAI (writes BENCHMARKS.md)")
-        bench.add_arguments(p)
-        p.set_defaults(run=bench.run)
-    except ImportError as exc:
-        _missing(sub, "bench", exc, "bench")
+    _add(sub, "predict", "segment volumes with a model bundle", predict_cmd)
+    for name, help_text, load, extra in _optional_commands():
+        try:
+            module = load()
+        except ImportError as exc:  # its extra is not installed: the command says so when run
+            _missing(sub, name, exc, extra)
+            continue
+        _add(sub, name, help_text, module)
     return parser
+
+
+def _optional_commands() -> list[tuple[str, str, Callable[[], ModuleType], str]]:
+    """(name, help, loader, the pip extra that provides its dependencies), in the order --help lists them."""
+    def local(module: str) -> Callable[[], ModuleType]:
+        return lambda: importlib.import_module(f".{module}", __package__)
+    return [
+        ("train", "train a bundle on MSD-format datasets (joint, dedicated or fine-tune)", local("train_cmd"), "train"),
+        ("evaluate", "Dice/HD95, calibration and OOD detection metrics for a bundle", local("evaluate_cmd"), "train"),
+        ("finalise", "refit a bundle's OOD detector and quality model (same weights)", local("finalise_cmd"), "train"),
+        ("trust", "trust benchmark: OOD detection, artefacts and failure detection of a bundle", local("trust_cmd"),
+         "train"),
+        ("bench", "benchmark predict and training against MONAI (writes BENCHMARKS.md)", _benchmarks, "bench"),
+    ]
+
+
+def _add(sub, name: str, help_text: str, module: ModuleType) -> None:
+    p = sub.add_parser(name, help=help_text)
+    module.add_arguments(p)
+    p.set_defaults(run=module.run)
 
 
 def _benchmarks():

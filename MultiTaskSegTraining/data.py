@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from MultiTaskSegLib.atomic import atomic_path
 from MultiTaskSegLib.errors import DatasetError, MultiTaskSegError
 from MultiTaskSegLib.preprocessing import PreprocessingConfig, preprocess, resample_label_to_grid
 from MultiTaskSegLib.volume_io import read_volume
@@ -205,11 +205,10 @@ def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, 
     # modality detected from intensities exactly as at inference, so training sees what users will
     pre = preprocess(image, config, None)
     if pre.modality != spec.modality:
-        warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}")
+        warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}",
+                      stacklevel=2)
     lab = resample_label_to_grid(label, pre.grid)
     shape_mm = tuple(np.array(image.GetSize()) * np.array(image.GetSpacing()))
-    # per-process temporary name: data-parallel ranks may preprocess the same case at once
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial.npz")
-    np.savez(tmp, image=pre.array.astype(np.float16), label=lab, shape_mm=np.array(shape_mm))
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:  # per process: data-parallel ranks may cache a case at once
+        np.savez(tmp, image=pre.array.astype(np.float16), label=lab, shape_mm=np.array(shape_mm))
     return CachedCase(dataset_index, case.case_id, pre.array.astype(np.float16), lab, shape_mm)

@@ -46,13 +46,22 @@ from typing import Sequence
 
 import numpy as np
 
+from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 
 from .data import Case, preprocess_case
 from .evaluate_aggregate import context_metrics, definitions, detector_metrics, recognition_overall
-from .evaluate_case import (Baselines, EvalOptions, Evaluator, log, new_calibration_bins, score_ood_volume,
-                            score_test_case, size_check)
+from .evaluate_case import (
+    Baselines,
+    EvalOptions,
+    Evaluator,
+    log,
+    new_calibration_bins,
+    score_ood_volume,
+    score_test_case,
+    size_check,
+)
 from .evaluate_data import EvalDataset, header_voxels, match_datasets, ood_volumes, pick_even
 from .evaluate_metrics import PooledReliability, dice, hd95, json_clean, summarise  # noqa: F401  (public names)
 from .ood_baselines import MahalanobisDetector, SizeControlDetector, file_geometry
@@ -72,7 +81,7 @@ def _work_list(datasets: list[EvalDataset], options: EvalOptions) -> tuple[list[
         if options.max_cases_per_context is not None:
             cases = cases[:options.max_cases_per_context]
         if not cases:
-            warnings.warn(f"{ds.spec.name}: no {options.split} case in the bundle's split")
+            warnings.warn(f"{ds.spec.name}: no {options.split} case in the bundle's split", stacklevel=2)
         test_cases += [(ds, c) for c in cases]
     if not test_cases:
         raise MultiTaskSegError(f"the bundle's split has no {options.split} case for the datasets given")
@@ -95,7 +104,7 @@ def _fit_baselines(ev: Evaluator, datasets: list[EvalDataset], train_cases: list
     geometry_train = np.stack([file_geometry(c.image) for ds in datasets for c in ds.cases("train")])
     size_detector = SizeControlDetector.fit(geometry_train)
     bundle = ev.bundle
-    cache = Path(options.cache_dir or (bundle.meta.get("training", {}).get("config", {}) or {}).get("cache_dir")
+    cache = Path(options.cache_dir or (bundle.schema.training.config or {}).get("cache_dir")
                  or Path.home() / ".cache" / "multitaskseg" / "preprocessed")
     train_features, train_ctx = [], []
     for i, (ds, case) in enumerate(train_cases):
@@ -171,7 +180,6 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
     size_records: list[dict] = []
     signatures_test: list[tuple[np.ndarray, int]] = []
     signatures_ood: list[np.ndarray] = []
-    names = bundle.context_names
     for i, (ds, case) in enumerate(test_cases):
         t0 = time.perf_counter()
         title = f"[{i + 1}/{len(test_cases)}] {ds.spec.name}/{case.case_id}"
@@ -230,9 +238,7 @@ def evaluate(bundle_path: str | os.PathLike, data_dirs: Sequence[str | os.PathLi
                                   size_records, spectral_name, out)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     metrics = json_clean(metrics)
-    tmp = out / ".metrics.json.partial"
-    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     log(f"wrote {out / 'metrics.json'} and {len(metrics['plots'])} plot(s) in {metrics['seconds'] / 60:.1f} min",
         quiet)
     return metrics

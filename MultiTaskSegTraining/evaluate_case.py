@@ -30,8 +30,15 @@ from MultiTaskSegLib.volume_io import read_volume
 
 from .evaluate_data import EvalDataset
 from .evaluate_metrics import PooledReliability, dice, hd95
-from .ood_baselines import (MahalanobisDetector, PooledFeatures, SizeControlDetector, central_crop, image_geometry,
-                            pad_to_factor, uncertainty_scores)
+from .ood_baselines import (
+    MahalanobisDetector,
+    PooledFeatures,
+    SizeControlDetector,
+    central_crop,
+    image_geometry,
+    pad_to_factor,
+    uncertainty_scores,
+)
 from .progress import StageBar
 
 

@@ -32,8 +32,8 @@ class EvalDataset:
 
 def match_datasets(bundle: Bundle, data_dirs: Sequence[str | os.PathLike]) -> list[EvalDataset]:
     """Pair each --data folder with the bundle's context and split; refuse anything that does not match."""
-    training = bundle.meta.get("training") or {}
-    split = training.get("split")
+    training = bundle.schema.training
+    split = training.split
     if not isinstance(split, dict) or not split:
         raise MultiTaskSegError(f"{bundle.path}: bundle.json has no training.split; evaluation needs the bundle's "
                                 "own train/val/test split (bundles from `mtseg train` have it)")
@@ -54,17 +54,17 @@ def match_datasets(bundle: Bundle, data_dirs: Sequence[str | os.PathLike]) -> li
             raise MultiTaskSegError(f"{spec.root}: {len(missing)} case id(s) of the bundle's split for '{spec.name}' "
                                     f"are not in this dataset (e.g. {missing[0]}); is it the same dataset version "
                                     "the bundle was trained on?")
-        recorded = {r.get("name"): r.get("sha256") for r in training.get("datasets", []) if isinstance(r, dict)}
+        recorded = {r.get("name"): r.get("sha256") for r in training.datasets or [] if isinstance(r, dict)}
         if recorded.get(spec.name) and recorded[spec.name] != spec.content_hash():
             warnings.warn(f"{spec.root}: content hash differs from the one recorded at training time "
-                          "(files changed since); evaluating anyway")
+                          "(files changed since); evaluating anyway", stacklevel=2)
         ci = names.index(spec.name)
         allowed = [int(v) for v in bundle.contexts[ci]["labels"]]
         label_names = bundle.label_names
         lut = np.zeros(max(max(spec.labels), 255) + 1, np.uint8)
         structures = {}
         for local, name in sorted(spec.labels.items()):
-            if bundle.meta.get("label_mode") == "shared_foreground" and len(allowed) == 1:
+            if bundle.schema.label_mode == "shared_foreground" and len(allowed) == 1:
                 glob = allowed[0]
             else:
                 hits = [v for v in allowed if label_names.get(v) == name]

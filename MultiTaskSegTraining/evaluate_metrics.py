@@ -15,7 +15,6 @@ from scipy import ndimage
 
 from MultiTaskSegLib.calibration import Reliability
 
-
 # --- metrics on masks ------------------------------------------------------------------------
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float | None:

@@ -9,6 +9,17 @@ from pathlib import Path
 import torch
 
 from MultiTaskSegLib.bundle import save_bundle
+from MultiTaskSegLib.bundle_schema import (
+    BundleMeta,
+    Calibration,
+    ContextEntry,
+    InferenceBlock,
+    LabelEntry,
+    OodBlock,
+    Postprocessing,
+    PreprocessingBlock,
+    TrainingBlock,
+)
 from MultiTaskSegLib.inference import WindowConfig
 from MultiTaskSegLib.network import ResidualUNet3D
 from MultiTaskSegLib.ood import case_groups, loo_threshold
@@ -63,38 +74,35 @@ def finalise(config: TrainConfig, model: ResidualUNet3D, specs: list[DatasetSpec
     log.info("%d training signatures (%d dims) in %.0f s; OOD threshold %s", len(signatures), signatures.shape[1],
              time.perf_counter() - t0, threshold)
     n_train = {s.name: len(splits[s.name]["train"]) for s in specs}
-    labels = []
-    for i, name in enumerate(space.names):
-        owner = specs[space.owner[i]]
-        labels.append({"value": i + 1, "name": name, "context": owner.name, **describe(name, i)})
-    contexts = [{"name": s.name, "modality": s.modality, "region": s.meta.get("region", _region(s)),
-                 "description": s.meta.get("description", "")[:300], "labels": annotated[d],
-                 "n_training_cases": n_train[s.name], "licence": s.meta.get("licence", "")}
+    labels = [LabelEntry(i + 1, name, specs[space.owner[i]].name, **describe(name, i))
+              for i, name in enumerate(space.names)]
+    contexts = [ContextEntry(s.name, s.modality, s.meta.get("region", _region(s)), s.meta.get("description", "")[:300],
+                             annotated[d], n_train[s.name], s.meta.get("licence", ""))
                 for d, s in enumerate(specs)]
-    meta = {
-        "architecture": model.config.to_dict(),
-        "preprocessing": {**pre.to_dict(), "patch_size": list(config.patch_size), "overlap": config.overlap,
-                          "batch_size": config.batch_size},
-        "labels": labels,
-        "contexts": contexts,
-        "label_mode": config.label_mode,
-        "postprocessing": postprocessing,
-        "calibration": {"temperature": temperature, "fitted_on": "validation split", "val_nll": val_nll},
-        "ood": {"detector": "spectral", "layers": list(config.ood_layers), "spectrum_length": config.spectrum_length,
-                "threshold": threshold, "threshold_rule": f"mean + {config.threshold_k}·std of leave-one-case-out "
-                "nearest-neighbour distances among training signatures",
-                "signature": "log singular values of the (voxels × channels) feature matrix / sqrt(voxels), L2-normalised",
-                "signature_augmentations": config.signature_augmentations},
-        "inference": {"restrict_to_context": bool(config.restrict_to_context and len(specs) > 1
-                                                  and config.label_mode == "per_structure"),
-                      "context_source": config.context_source if model.context_head is not None else "signature"},
-        "training": {"datasets": [{"name": s.name, "path": str(s.root), "sha256": s.content_hash(),
-                                   "n_cases": len(s.cases)} for s in specs],
-                     "split": splits, "seed": config.seed, "steps": step, "minutes": round(elapsed / 60, 1),
-                     "code_revision": code_revision(), "config": config.to_dict(),
-                     "torch": torch.__version__},
-        "metrics": {},
-    }
+    meta = BundleMeta(
+        architecture=model.config,
+        preprocessing=PreprocessingBlock(pre, window),
+        labels=labels,
+        contexts=contexts,
+        label_mode=config.label_mode,
+        postprocessing=Postprocessing.from_dict(postprocessing),
+        calibration=Calibration(temperature, "validation split", val_nll),
+        ood=OodBlock(detector="spectral", layers=list(config.ood_layers), spectrum_length=config.spectrum_length,
+                     threshold=threshold, threshold_rule=f"mean + {config.threshold_k}·std of leave-one-case-out "
+                     "nearest-neighbour distances among training signatures",
+                     signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
+                               "L2-normalised",
+                     signature_augmentations=config.signature_augmentations),
+        inference=InferenceBlock(restrict_to_context=bool(config.restrict_to_context and len(specs) > 1
+                                                          and config.label_mode == "per_structure"),
+                                 context_source=config.context_source if model.context_head is not None
+                                 else "signature"),
+        training=TrainingBlock(datasets=[{"name": s.name, "path": str(s.root), "sha256": s.content_hash(),
+                                          "n_cases": len(s.cases)} for s in specs],
+                               split=splits, seed=config.seed, steps=step, minutes=round(elapsed / 60, 1),
+                               code_revision=code_revision(), config=config.to_dict(), torch=torch.__version__),
+        metrics={},
+    )
     save_bundle(output, meta, model.state_dict(), signatures, context_index, case_ids)
     log.info("bundle written to %s", output)
     return output

@@ -31,7 +31,6 @@ import torch
 
 from MultiTaskSegLib.uncertainty import normalised_entropy
 
-
 # --- detection metrics -----------------------------------------------------------------
 
 def detection_metrics(id_scores: Sequence[float], ood_scores: Sequence[float]) -> dict:

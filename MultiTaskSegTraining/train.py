@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from MultiTaskSegLib.atomic import atomic_path
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.inference import WindowConfig, select_device
 from MultiTaskSegLib.network import ResidualUNet3D
@@ -70,9 +71,8 @@ def training_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torc
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
+    with atomic_path(path) as tmp:  # a kill leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def run_all(predictor: Predictor, jobs: list[Job], records_dir: Path, log=print)
     for i, job in enumerate(jobs):
         path = records_dir / f"{job.key}.json"
         fresh = not path.is_file()
-        rec = cached_record(path, lambda: run_job(predictor, job))
+        rec = cached_record(path, lambda job=job: run_job(predictor, job))
         out.append(rec)
         if fresh:
             d = rec.get("dice") or {}

@@ -12,6 +12,7 @@ a rerun resumes. `mtseg train` calls the same code at the end of training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from safetensors.torch import load_file
 
 from MultiTaskSegLib.bundle import META_FILE, MODEL_FILE, SIGNATURES_FILE, load_bundle, save_bundle
+from MultiTaskSegLib.bundle_schema import OodBlock
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.predictor import Predictor
 
@@ -32,7 +34,7 @@ DEFAULT_FIT_CASES = 4
 
 
 def default_records_dir(bundle_path: Path) -> Path:
-    digest = load_bundle(bundle_path).meta["files"][MODEL_FILE][:16]
+    digest = (load_bundle(bundle_path).schema.files or {})[MODEL_FILE][:16]
     return Path.home() / ".cache" / "multitaskseg" / "trust" / digest
 
 
@@ -48,24 +50,23 @@ def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path
     records = run_all(Predictor(bundle, device), jobs, records_dir or default_records_dir(bundle_path), log)
     fit = [r for r in records if r["family"] == "fit"]
     fit_shift = [r for r in records if r["family"] == "fit_shift"]
-    layers = list(bundle.meta.get("ood", {}).get("layers") or LAYER_SETS[DEFAULT_LAYERS])  # the run's ood_layers
+    layers = list(bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # the run's ood_layers
     det, loo = fit_detector(fit, layers, bundle.context_names)
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     quality = fit_quality(fit + fit_shift, np.concatenate([loo, loo_scores(det, fit_shift)]), det.threshold,
                           log_volume_stats(fit, names), names, context_labels,
                           fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants")
-    meta = copy.deepcopy(bundle.meta)
-    meta["ood"] = {"detector": "spectral-ctx", "layers": layers, "spectrum_length": None,
-                   "threshold": det.threshold, "context_scale": [float(v) for v in det.context_scale],
-                   "threshold_rule": "conformal 95 % quantile of leave-one-case-out per-context kNN scores of the "
-                                     "train/val signatures (about 5 % false alarms on new in-distribution cases)",
-                   "signature": "log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
-                                "L2-normalised per layer, concatenated",
-                   "scoring": "min over contexts of (distance to the context's nearest training signature) / "
-                              "(the context's mean leave-one-case-out nearest-neighbour distance, shrunk to the pooled "
-                              "mean with 3 pseudo-cases)",
-                   "fitted_on": f"{len(fit)} train/val cases (bundle split)"}
-    meta["quality"] = quality.to_dict()
+    ood = OodBlock(detector="spectral-ctx", layers=layers, spectrum_length=None, threshold=det.threshold,
+                   context_scale=[float(v) for v in det.context_scale],
+                   threshold_rule="conformal 95 % quantile of leave-one-case-out per-context kNN scores of the "
+                                  "train/val signatures (about 5 % false alarms on new in-distribution cases)",
+                   signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
+                             "L2-normalised per layer, concatenated",
+                   scoring="min over contexts of (distance to the context's nearest training signature) / "
+                           "(the context's mean leave-one-case-out nearest-neighbour distance, shrunk to the pooled "
+                           "mean with 3 pseudo-cases)",
+                   fitted_on=f"{len(fit)} train/val cases (bundle split)")
+    meta = dataclasses.replace(copy.deepcopy(bundle.schema), ood=ood, quality=quality.to_dict())
     state = load_file(str(bundle_path / MODEL_FILE), device="cpu")
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staged = Path(tmp) / "bundle"

@@ -12,7 +12,6 @@ JSON files, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.ood import signature_from_grams
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.preprocessing import preprocess
@@ -76,7 +76,5 @@ def cached_record(path: Path, make) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     rec = json_clean(make())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(rec), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rec))
     return rec

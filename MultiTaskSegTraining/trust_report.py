@@ -8,12 +8,12 @@ on the fit families and ood-dev (never on test cases; see docs/RESULTS.md).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.bundle import Bundle
 
 from .evaluate_metrics import json_clean
@@ -195,9 +195,7 @@ def write_report(bundle: Bundle, records: list[dict], out: Path, plots: bool = T
     if plots:
         tables["plots"] = _plots(curves, out)
     tables = json_clean(tables)
-    tmp = out / ".trust.json.partial"
-    tmp.write_text(json.dumps(tables, indent=2, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, out / "trust.json")
+    write_text_atomic(out / "trust.json", json.dumps(tables, indent=2, allow_nan=False))
     (out / "trust.md").write_text(markdown(tables), encoding="utf-8")
     return tables
 

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from MultiTaskSegLib import bundle_schema as schema
 from MultiTaskSegLib.bundle import Bundle, save_bundle
+from MultiTaskSegLib.inference import WindowConfig
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
 from MultiTaskSegLib.preprocessing import PreprocessingConfig
 from MultiTaskSegLib.terminology import describe
 
 LABELS = [("liver", "AbdomenPhantomCT"), ("spleen", "AbdomenPhantomCT"), ("left ventricle", "HeartPhantomMR")]
-CONTEXTS = [{"name": "AbdomenPhantomCT", "modality": "CT", "region": "abdomen", "labels": [1, 2], "n_training_cases": 2},
-            {"name": "HeartPhantomMR", "modality": "MR", "region": "heart", "labels": [3], "n_training_cases": 2}]
+CONTEXTS = [schema.ContextEntry("AbdomenPhantomCT", "CT", "abdomen", labels=[1, 2], n_training_cases=2),
+            schema.ContextEntry("HeartPhantomMR", "MR", "heart", labels=[3], n_training_cases=2)]
 
 
 def make_untrained_bundle(path: Path, seed: int = 0, spacing: float = 4.0, patch: int = 32,
@@ -30,16 +32,15 @@ def make_untrained_bundle(path: Path, seed: int = 0, spacing: float = 4.0, patch
     rng = np.random.default_rng(seed)
     signatures = rng.normal(size=(4, dim))
     signatures /= np.linalg.norm(signatures, axis=1, keepdims=True)
-    meta = {
-        "architecture": config.to_dict(),
-        "preprocessing": {**PreprocessingConfig((spacing,) * 3).to_dict(), "patch_size": [patch] * 3,
-                          "overlap": 0.5, "batch_size": 2},
-        "labels": [{"value": i + 1, "name": n, "context": c, **describe(n, i)} for i, (n, c) in enumerate(LABELS)],
-        "contexts": CONTEXTS,
-        "calibration": {"temperature": 1.0},
-        "ood": {"detector": "spectral", "layers": layers, "spectrum_length": None, "threshold": 0.5,
-                "threshold_rule": "test value"},
-        "inference": {"restrict_to_context": False, "context_source": "head"},
-        "training": {"note": "untrained test bundle"},
-    }
+    meta = schema.BundleMeta(
+        architecture=config,
+        preprocessing=schema.PreprocessingBlock(PreprocessingConfig((spacing,) * 3), WindowConfig((patch,) * 3, 0.5, 2)),
+        labels=[schema.LabelEntry(i + 1, n, c, **describe(n, i)) for i, (n, c) in enumerate(LABELS)],
+        contexts=CONTEXTS,
+        calibration=schema.Calibration(temperature=1.0),
+        ood=schema.OodBlock(detector="spectral", layers=layers, spectrum_length=None, threshold=0.5,
+                     threshold_rule="test value"),
+        inference=schema.InferenceBlock(restrict_to_context=False, context_source="head"),
+        training=schema.TrainingBlock(extra={"note": "untrained test bundle"}),
+    )
     return save_bundle(path, meta, net.state_dict(), signatures, [0, 0, 1, 1], ["a1", "a2", "h1", "h2"])

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from MultiTaskSegLib import DEFAULT_BUNDLE
 from MultiTaskSegLib.bundle import FORMAT_VERSION, load_bundle, save_bundle, sha256_file
+from MultiTaskSegLib.bundle_schema import BundleMeta
 from MultiTaskSegLib.errors import BundleError
 
 
@@ -106,3 +108,42 @@ def test_weights_of_the_wrong_architecture_are_refused_clearly(bundle_copy):
     (bundle_copy / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="cannot load model.safetensors"):
         load_bundle(bundle_copy).load_model("cpu")
+
+
+def test_schema_reads_and_rewrites_the_shipped_bundle_unchanged():
+    """bundle.json through the dataclasses and back: same keys, same order, same values, same bytes."""
+    raw = (DEFAULT_BUNDLE / "bundle.json").read_text(encoding="utf-8")
+    meta = json.loads(raw)
+    again = BundleMeta.from_dict(meta).to_dict()
+    assert again == meta and list(again) == list(meta)
+    assert json.dumps(again, indent=2) == json.dumps(meta, indent=2)
+    bundle = load_bundle(DEFAULT_BUNDLE)  # hashes of the shipped files still match
+    assert bundle.schema.ood.context_scale == meta["ood"]["context_scale"]
+    assert bundle.window.patch_size == tuple(meta["preprocessing"]["patch_size"])
+
+
+def test_schema_keeps_unknown_keys_and_refuses_a_malformed_block(bundle_copy):
+    meta = json.loads((bundle_copy / "bundle.json").read_text())
+    meta["ood"]["future_field"] = [1, 2]
+    meta["something_new"] = {"a": 1}
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    b = load_bundle(bundle_copy)
+    assert b.schema.to_dict()["ood"]["future_field"] == [1, 2] and b.schema.to_dict()["something_new"] == {"a": 1}
+    meta["architecture"]["widths"] = 7  # not a list
+    (bundle_copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="malformed"):
+        load_bundle(bundle_copy)
+
+
+def test_atomic_write_replaces_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    from MultiTaskSegLib.atomic import atomic_path, write_text_atomic
+    target = tmp_path / "out.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "a temporary file was left behind"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pytest
 import torch
 
 from MultiTaskSegLib.inference import WindowConfig, autocast_context, sliding_window
@@ -19,6 +20,7 @@ def test_default_is_full_precision():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_cpu_bf16_close_to_fp32():
     torch.manual_seed(0)
     model = ResidualUNet3D(NetworkConfig(out_channels=3, widths=(4, 8, 16))).eval()

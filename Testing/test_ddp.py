@@ -14,6 +14,7 @@ from train_helpers import phantom_datasets, tiny_config
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun is not installed")
+@pytest.mark.slow
 def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     data = phantom_datasets(tmp_path / "data")
     config = tiny_config(tmp_path / "c.json", data, steps=3, signature_augmentations=0)

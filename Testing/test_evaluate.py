@@ -11,11 +11,16 @@ import SimpleITK as sitk
 from MultiTaskSegLib.calibration import reliability
 from MultiTaskSegTraining.cli import main
 from MultiTaskSegTraining.evaluate import PooledReliability, dice, hd95, json_clean, summarise
-from MultiTaskSegTraining.ood_baselines import (MahalanobisDetector, SizeControlDetector, central_crop,
-                                                detection_metrics, geometry_features, pad_to_factor)
+from MultiTaskSegTraining.ood_baselines import (
+    MahalanobisDetector,
+    SizeControlDetector,
+    central_crop,
+    detection_metrics,
+    geometry_features,
+    pad_to_factor,
+)
 from phantoms import make_msd_dataset, noise_volume, write
 from train_helpers import phantom_datasets, tiny_config
-
 
 # --- constructed cases -------------------------------------------------------------------------
 
@@ -138,6 +143,7 @@ def trained(tmp_path_factory):
     return root, data, bundle, [ood, plain]
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(trained):
     root, data, bundle, ood = trained
     out = root / "evaluation"

@@ -3,6 +3,8 @@ reuse against recomputing every window, and MONAI's window placement."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,14 +110,24 @@ def test_window_starts_follow_monai(size, patch, overlap, expected):
     assert window_starts(size, patch, overlap) == expected
 
 
-def test_window_starts_equal_monai_where_installed():
+MONAI_STARTS = json.loads((Path(__file__).parent / "monai_window_starts.json").read_text())
+
+
+def test_window_starts_equal_monais_recorded_placements():
+    """MONAI's own placements (recorded from MONAI 1.6.1, an optional extra), checked without MONAI."""
+    assert len(MONAI_STARTS["starts"]) == 102
+    for key, theirs in MONAI_STARTS["starts"].items():
+        size, overlap = key.split("@")
+        assert window_starts(int(size), MONAI_STARTS["patch"], float(overlap)) == theirs, key
+
+
+def test_recorded_placements_are_monais_where_installed():
     data_utils = pytest.importorskip("monai.data.utils", reason="MONAI is the optional bench extra")
     from monai.inferers.utils import _get_scan_interval
-    for size in range(64, 300, 7):
-        for overlap in (0.25, 0.5, 0.625):
-            interval = _get_scan_interval((size,), (64,), 1, (overlap,))
-            theirs = [s[0].start for s in data_utils.dense_patch_slices((size,), (64,), interval)]
-            assert window_starts(size, 64, overlap) == theirs
+    for key, recorded in MONAI_STARTS["starts"].items():
+        size, overlap = int(key.split("@")[0]), float(key.split("@")[1])
+        interval = _get_scan_interval((size,), (64,), 1, (overlap,))
+        assert [int(s[0].start) for s in data_utils.dense_patch_slices((size,), (64,), interval)] == recorded, key
 
 
 def test_fast_path_only_for_a_prepared_model_in_plain_cpu_inference():

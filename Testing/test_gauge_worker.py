@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from MultiTaskSegLib import worker
-from MultiTaskSegLib.worker import predict_with_fallback, resolve_device
-from MultiTaskSegLib.ood_gauge import (BORDERLINE, IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, context_description,
-                                       gauge_layout)
+from MultiTaskSegLib.ood_gauge import (
+    BORDERLINE,
+    IN_DISTRIBUTION,
+    OUT_OF_DISTRIBUTION,
+    context_description,
+    gauge_layout,
+)
 from MultiTaskSegLib.predictor import PredictOptions
+from MultiTaskSegLib.worker import predict_with_fallback, resolve_device
 
 
 # --- gauge ---------------------------------------------------------------------------

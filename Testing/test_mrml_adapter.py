@@ -12,11 +12,11 @@ import SimpleITK as sitk
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 vtk = pytest.importorskip("vtk")
 
+from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from MultiTaskSegLib.errors import CancelledError, InputVolumeError  # noqa: E402
 from MultiTaskSegLib.outputs import SegmentationResult  # noqa: E402
 from MultiTaskSegLib.predictor import PredictOptions, Predictor  # noqa: E402
 from MultiTaskSegMRML import adapter  # noqa: E402
-from mrml_helpers import exported_labels, node_ids  # noqa: E402
 
 CPU = PredictOptions(device="cpu")
 

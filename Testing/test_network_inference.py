@@ -7,8 +7,7 @@ import SimpleITK as sitk
 import torch
 
 import phantoms
-from MultiTaskSegLib.inference import (WindowConfig, autocast_context, gaussian_importance, sliding_window,
-                                       window_starts)
+from MultiTaskSegLib.inference import WindowConfig, autocast_context, gaussian_importance, sliding_window, window_starts
 from MultiTaskSegLib.network import NetworkConfig, enable_mc_dropout
 from MultiTaskSegLib.ood import signature_from_grams
 from MultiTaskSegLib.predictor import PredictOptions, Predictor

@@ -4,9 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from MultiTaskSegLib.ood import (SpectralDetector, case_groups, loo_threshold, nearest_neighbour_distances,
-                                 signature_from_features, signature_from_grams, signature_from_singular_values,
-                                 singular_values_from_gram)
+from MultiTaskSegLib.ood import (
+    SpectralDetector,
+    case_groups,
+    loo_threshold,
+    nearest_neighbour_distances,
+    signature_from_features,
+    signature_from_grams,
+    signature_from_singular_values,
+    singular_values_from_gram,
+)
 
 
 def _svd_signature(fmap: np.ndarray, length=None) -> np.ndarray:

@@ -6,8 +6,15 @@ import pytest
 import SimpleITK as sitk
 
 import phantoms
-from MultiTaskSegLib.preprocessing import (PreprocessingConfig, canonical_grid, detect_modality, grid_to_input,
-                                           normalise_intensities, preprocess, resample_label_to_grid)
+from MultiTaskSegLib.preprocessing import (
+    PreprocessingConfig,
+    canonical_grid,
+    detect_modality,
+    grid_to_input,
+    normalise_intensities,
+    preprocess,
+    resample_label_to_grid,
+)
 
 OBLIQUE = phantoms.oblique_lps_direction()
 # a left-handed (mirrored) oblique direction: z stored inverted as well

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -55,6 +54,7 @@ def test_default_bundle_was_not_trained_on_the_sample_volume():
     assert "totalseg_ct01" in split["test"]
 
 
+@pytest.mark.slow
 @requires_default
 @requires_shared_data
 def test_default_model_segments_the_liver_of_the_held_out_sample_ct(predictor):

@@ -199,7 +199,7 @@ def test_every_slicer_call_is_listed_with_its_source_and_none_is_new_in_5_10():
 
 
 def test_listed_slicer_calls_exist_in_slicer_core():
-    slicer = pytest.importorskip("slicer")
+    pytest.importorskip("slicer")
     import slicer.util
     api = slicer_api()
     missing = [f"{cls}.{name}" for name, (cls, _source, _line) in api.items()

@@ -35,6 +35,7 @@ def small_sample(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_module_selftest_with_default_bundle(shell, scene):
     """Exactly what MultiTaskSegTest.runTest does in Slicer: the default model on the sample CT, CPU."""
     reason = default_bundle_missing_reason()

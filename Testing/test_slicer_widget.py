@@ -88,6 +88,7 @@ def test_ood_gauge_and_cancel(widget):
 def test_declined_install_is_a_calm_message(monkeypatch, widget):
     """pip_ensure (Slicer 5.12+) raises when the user declines: the Logic turns it into a note, not an error."""
     import types
+
     from MultiTaskSegShell import dependencies
     calls = []
 

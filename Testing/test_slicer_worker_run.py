@@ -18,10 +18,10 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
+from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
 from MultiTaskSegLib.worker_process import PACKAGE_PARENT  # noqa: E402
 from MultiTaskSegMRML import adapter  # noqa: E402
-from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from slicer_shell import import_shell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ def run_cli(bundle: Path, volume: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_apply_loads_exactly_what_mtseg_predict_writes(shell, scene, untrained_bundle, crop_path, tmp_path):
     node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(crop_path)), "crop")
     logic = shell.MultiTaskSegLogic()
@@ -166,6 +167,7 @@ def test_crash_and_failing_callbacks_end_the_run_cleanly(shell, scene, untrained
     assert finished and finished[0][2] is None  # the run completed; the button is back to Apply
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEFAULT_BUNDLE / "bundle.json").is_file(), reason="the default model is not installed")
 @pytest.mark.skipif(os.name == "nt", reason="CPU time of child processes via resource (POSIX)")
 def test_timer_tick_and_apply_to_results_against_mtseg_predict(shell, scene, tmp_path):

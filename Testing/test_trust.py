@@ -87,7 +87,7 @@ def test_structure_evidence_of_constructed_maps():
 def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict], list[float]]:
     """Dice follows soft Dice (plus noise); other evidence is noise."""
     recs, scores = [], []
-    for i in range(n):
+    for _ in range(n):
         soft = rng.uniform(0.2, 1.0)
         recs.append({"evidence": {"1": {"soft_dice": soft, "mean_entropy": rng.uniform(0.2, 0.6), "volume_ml": 100.0}},
                      "dice": {"1": float(np.clip(soft + 0.05 * rng.normal(), 0, 1))}, "recognised": 0,

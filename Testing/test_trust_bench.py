@@ -30,6 +30,7 @@ def bench(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_ci_benchmark_writes_every_table(bench):
     t = json.loads((bench / "trust.json").read_text())
     assert t["families"]["id"] == 4 and t["families"]["ood_far"] == 1 and t["families"]["ood_near"] == 1
@@ -46,6 +47,7 @@ def test_ci_benchmark_writes_every_table(bench):
     assert len(list((bench / "records").rglob("*.json"))) == 18
 
 
+@pytest.mark.slow
 def test_finalise_refits_the_shipped_weights_and_predict_reports_quality(bench, tmp_path):
     import SimpleITK as sitk
 

@@ -7,8 +7,14 @@ import SimpleITK as sitk
 
 import phantoms
 from MultiTaskSegLib.errors import InputVolumeError
-from MultiTaskSegLib.volume_io import (array_to_image, case_name, is_volume_file, read_volume, validate_volume,
-                                       write_volume)
+from MultiTaskSegLib.volume_io import (
+    array_to_image,
+    case_name,
+    is_volume_file,
+    read_volume,
+    validate_volume,
+    write_volume,
+)
 
 OBLIQUE = phantoms.oblique_lps_direction()
 ANISO = (2.5, 3.0, 6.0)

@@ -108,7 +108,7 @@ def calibration_section(arms: Path, default: dict | None) -> list[str]:
             keys = list(c["calibration"].keys())
             before, after = keys[0], keys[-1]
 
-            def mean(key, field):
+            def mean(key, field, c=c):
                 vals = [v[field] for v in c["calibration"][key].values() if v.get(field) is not None]
                 return float(np.mean(vals)) if vals else None
             out.append(f"| {label} | {ctx} | {fmt(mean(before, 'ece'), 4)} | {fmt(mean(after, 'ece'), 4)} | "

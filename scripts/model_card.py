@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from MultiTaskSegLib.atomic import write_text_atomic
 
 PROVENANCE = {
     "CardiacCineMR": ("ACDC cine bSSFP MR (30 patients × ED/ES), manual labels", "CC BY-NC-SA 4.0 (non-commercial)"),
@@ -96,9 +97,7 @@ def main() -> None:
                   ", ".join(f"{k} {fmt(c['false_alarm_rate'], 2)}" for k, c in m["contexts"].items()) + "."]
         meta["metrics"] = {"test": headline, "ood_auroc": {k: v["auroc"] for k, v in o.items()},
                            "source": "mtseg evaluate (docs/RESULTS.md)"}
-        tmp = args.bundle / ".bundle.json.partial"
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(tmp, args.bundle / "bundle.json")
+        write_text_atomic(args.bundle / "bundle.json", json.dumps(meta, indent=2))
     lines += ["", "## Intended use and limitations", "",
               "- Research and demonstration of joint multi-context segmentation with uncertainty and OOD flags; "
               "**not a medical device**, not for diagnosis.",

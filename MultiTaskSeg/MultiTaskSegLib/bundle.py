@@ -6,16 +6,18 @@ No pickle anywhere: weights are safetensors, signatures an .npz read with
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_text_atomic
+from .bundle_schema import BundleMeta
 from .errors import BundleError
 from .inference import WindowConfig
 from .network import NetworkConfig, ResidualUNet3D
@@ -40,25 +42,32 @@ def sha256_file(path: Path) -> str:
 @dataclass
 class Bundle:
     path: Path
-    meta: dict
+    meta: dict  # bundle.json as read (the labels and contexts travel as these dicts to MRML and the worker)
+    schema: BundleMeta = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.schema = BundleMeta.from_dict(self.meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{self.path}: {META_FILE} is malformed ({type(exc).__name__}: {exc}); "
+                              "re-export the bundle") from None
 
     # --- parsed views of bundle.json -------------------------------------------------
     @property
     def network_config(self) -> NetworkConfig:
-        return NetworkConfig.from_dict(self.meta["architecture"])
+        return self.schema.architecture
 
     @property
     def preprocessing(self) -> PreprocessingConfig:
-        return PreprocessingConfig.from_dict(self.meta["preprocessing"])
+        return self.schema.preprocessing.config
 
     @property
     def window(self) -> WindowConfig:
-        p = self.meta["preprocessing"]
-        return WindowConfig(tuple(p["patch_size"]), float(p["overlap"]), int(p.get("batch_size", 2)))
+        return self.schema.preprocessing.window
 
     @property
     def temperature(self) -> float:
-        return float(self.meta.get("calibration", {}).get("temperature", 1.0))
+        return float(self.schema.calibration.temperature)
 
     @property
     def labels(self) -> list[dict]:
@@ -66,7 +75,7 @@ class Bundle:
 
     @property
     def label_names(self) -> dict[int, str]:
-        return {int(l["value"]): l["name"] for l in self.labels}
+        return {int(entry.value): entry.name for entry in self.schema.labels}
 
     @property
     def contexts(self) -> list[dict]:
@@ -74,7 +83,7 @@ class Bundle:
 
     @property
     def context_names(self) -> list[str]:
-        return [c["name"] for c in self.contexts]
+        return [c.name for c in self.schema.contexts]
 
     # --- heavy parts -----------------------------------------------------------------
     def load_model(self, device: torch.device | str = "cpu") -> ResidualUNet3D:
@@ -87,21 +96,21 @@ class Bundle:
         return model.to(device).eval()
 
     def detector(self) -> SpectralDetector:
-        ood = self.meta["ood"]
+        ood = self.schema.ood
         with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
-            scale = ood.get("context_scale")  # per-context kNN (absent in older bundles: plain nearest neighbour)
+            scale = ood.context_scale  # per-context kNN (absent in older bundles: plain nearest neighbour)
             return SpectralDetector(signatures=data["signatures"], context_index=data["context_index"],
                                     case_ids=data["case_ids"], context_names=self.context_names,
-                                    layers=list(ood["layers"]), spectrum_length=ood.get("spectrum_length"),
-                                    threshold=math.inf if ood["threshold"] is None else float(ood["threshold"]),
+                                    layers=list(ood.layers), spectrum_length=ood.spectrum_length,
+                                    threshold=math.inf if ood.threshold is None else float(ood.threshold),
                                     context_scale=None if scale is None else np.asarray(scale, dtype=np.float64))
 
     def quality_model(self) -> QualityModel | None:
         """The expected-Dice model (bundle.json 'quality', plain numbers); None for bundles without one."""
-        if not self.meta.get("quality"):
+        if not self.schema.quality:
             return None
         try:
-            return QualityModel.from_dict(self.meta["quality"])
+            return QualityModel.from_dict(self.schema.quality)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{self.path}: {META_FILE} has an unusable 'quality' section ({exc}); "
                               "re-finalise the bundle (mtseg finalise)") from None
@@ -141,7 +150,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(path, meta)
 
 
-def save_bundle(path: str | os.PathLike, meta: dict, state_dict: dict[str, torch.Tensor],
+def save_bundle(path: str | os.PathLike, meta: BundleMeta | dict, state_dict: dict[str, torch.Tensor],
                 signatures: np.ndarray, context_index: np.ndarray, case_ids: list[str]) -> Bundle:
     """Write a complete bundle (files first, bundle.json with their hashes last)."""
     path = Path(path)
@@ -151,10 +160,8 @@ def save_bundle(path: str | os.PathLike, meta: dict, state_dict: dict[str, torch
     np.savez_compressed(path / SIGNATURES_FILE, signatures=np.asarray(signatures, dtype=np.float32),
                         context_index=np.asarray(context_index, dtype=np.int32),
                         case_ids=np.asarray(case_ids, dtype=str))
-    meta = dict(meta)
+    meta = meta.to_dict() if isinstance(meta, BundleMeta) else dict(meta)
     meta["format_version"] = FORMAT_VERSION
     meta["files"] = {name: sha256_file(path / name) for name in (MODEL_FILE, SIGNATURES_FILE)}
-    tmp = path / f".{META_FILE}.partial"
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    os.replace(tmp, path / META_FILE)
+    write_text_atomic(path / META_FILE, json.dumps(meta, indent=2))
     return load_bundle(path)

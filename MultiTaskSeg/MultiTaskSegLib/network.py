@@ -6,12 +6,12 @@ bottleneck) and ``dec{depth-2}`` … ``dec0`` (decoder, ``dec0`` at full resolut
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from typing import Iterable, cast
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import fast_inference as fast
 
@@ -66,7 +66,7 @@ class ResBlock(nn.Module):
         y = fast.instance_norm_(fast.conv(self.conv2, y), self.norm2)
         if self.skip is None:
             return F.leaky_relu_(y.add_(x), 0.01)
-        conv, norm = self.skip
+        conv, norm = cast(nn.Conv3d, self.skip[0]), cast(nn.InstanceNorm3d, self.skip[1])
         s = fast.conv1x1(x, conv) if conv.stride == (1, 1, 1) else fast.conv(conv, x)
         return F.leaky_relu_(y.add_(fast.instance_norm_(s, norm)), 0.01)
 
@@ -121,7 +121,7 @@ class ResidualUNet3D(nn.Module):
         quick = fast.use_fast_path(x, self)
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             i = depth - 2 - j
-            x = dec(fast.up_cat(up, x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1))
+            x = dec(fast.up_cat(cast(nn.ConvTranspose3d, up), x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1))
             if f"dec{i}" in taps:
                 features[f"dec{i}"] = x
         logits = fast.conv1x1(x, self.head, channels_first_out=True) if quick else self.head(x)

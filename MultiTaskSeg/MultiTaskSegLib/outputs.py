@@ -7,13 +7,13 @@ Slicer module loads is exactly what the command line writes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
+from .atomic import write_text_atomic
 from .volume_io import write_fraction_map, write_volume
 
 if TYPE_CHECKING:  # torch stays unloaded for readers of results (the Slicer module imports this without torch)
@@ -41,9 +41,7 @@ def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dic
         else:
             write_fraction_map(image, paths[key])  # quantised and quickly compressed (BENCHMARKS.md)
     report = {**prediction.report(), **(extra or {})}
-    tmp = paths["report"].with_name(f".{paths['report'].name}.partial")
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, paths["report"])
+    write_text_atomic(paths["report"], json.dumps(report, indent=2))
     return report
 
 

@@ -16,12 +16,12 @@ import torch
 from .bundle import Bundle
 from .errors import InputVolumeError, MultiTaskSegError
 from .fast_inference import prepare_for_cpu_inference
+from .grid_mapping import labels_on_target
 from .inference import ProgressCallback, WindowConfig, WindowResult, select_device, sliding_window
 from .network import enable_mc_dropout
 from .ood import OODResult
 from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
-from .grid_mapping import labels_on_target
 from .quality import QualityResult, structure_evidence
 from .resampling import axis_maps, resample_slab, slabs
 from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
@@ -87,7 +87,7 @@ class Predictor:
         self.window: WindowConfig = bundle.window
         self.preprocessing = bundle.preprocessing
         self.context_labels = [list(c["labels"]) for c in bundle.contexts]
-        self.inference_meta = bundle.meta.get("inference", {})
+        self.inference = bundle.schema.inference
 
     # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
     def window_config(self, options: PredictOptions) -> WindowConfig:
@@ -120,7 +120,7 @@ class Predictor:
 
     def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
         """Index of the context: the context head's argmax, or the nearest training signature's context."""
-        if context_logits is not None and self.inference_meta.get("context_source", "head") == "head":
+        if context_logits is not None and self.inference.context_source == "head":
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
 
@@ -176,7 +176,7 @@ class Predictor:
         context_index = self.recognise_context(result.context_logits, ood)
         restrict = options.restrict_to_context
         if restrict is None:
-            restrict = bool(self.inference_meta.get("restrict_to_context", False))
+            restrict = bool(self.inference.restrict_to_context)
         if restrict:
             entropy = normalised_entropy(merge_other_contexts(probs, self.context_labels[context_index]))
         else:
@@ -194,7 +194,8 @@ class Predictor:
             restrict_labels(labels, self.context_labels[context_index])
         timings["resample"] = time.perf_counter() - t
         t = time.perf_counter()
-        keep_largest_component(labels, self.bundle.meta.get("postprocessing", {}).get("largest_component", []))
+        post = self.bundle.schema.postprocessing
+        keep_largest_component(labels, post.largest_component if post else [])
         timings["postprocess"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0

@@ -35,7 +35,12 @@ PredictorFactory = Callable[[str], Predictor]  # device ('cpu' / 'cuda') → Pre
 
 
 def resolve_device(requested: str, cuda_available: bool | None = None) -> tuple[str, str | None]:
-    """(device to use, notice for the user or None); a missing GPU falls back to CPU."""
+    """(device to use, notice for the user or None); a missing GPU falls back to CPU.
+
+    The lenient resolver (the GUI and the worker fall back and say so). ``inference.select_device``
+    is the strict one (Predictor, training: a missing GPU is an error); both read 'auto'/'gpu'/'cuda'
+    the same way. Folding select_device into this one needs inference.py changed: left for after
+    the speed branch's merge (issue 13 item 6)."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     requested = (requested or "auto").lower()

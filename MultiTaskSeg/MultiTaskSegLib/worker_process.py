@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import SimpleITK as sitk
 
@@ -65,8 +65,9 @@ class WorkerProcess:
         self.cancelled = False
         self.started = time.perf_counter()
         with open(self._events_path, "wb") as out, open(self._stderr_path, "wb") as err:
-            kwargs: dict = {"start_new_session": True} if os.name != "nt" else {
-                "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+            kwargs: dict[str, Any] = {"start_new_session": True}
+            if sys.platform == "win32":  # (the spelling mypy understands for a Windows-only constant)
+                kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
             self._proc = subprocess.Popen(self.command, cwd=str(PACKAGE_PARENT), stdout=out, stderr=err,
                                           stdin=subprocess.DEVNULL, env=env, **kwargs)
 
@@ -161,8 +162,9 @@ def predict_in_child(image: sitk.Image, bundle_path: str | Path, options: Predic
     worker = WorkerProcess(image, bundle_path, options, python, env)
     try:
         worker.wait(timeout)
-        if worker.final["event"] == "error":
-            raise WorkerError(worker.final.get("message", "the worker failed"))
+        final = worker.final or {}  # wait() returns only once the final event arrived
+        if final.get("event") == "error":
+            raise WorkerError(final.get("message", "the worker failed"))
         return worker.result()
     finally:
         worker.cleanup()

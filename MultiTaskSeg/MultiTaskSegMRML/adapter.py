@@ -18,8 +18,7 @@ from MultiTaskSegLib.outputs import SegmentationResult
 from MultiTaskSegLib.terminology import describe, known_terminology
 
 from .display import ATTR_COLOR_TABLE, set_uncertainty_opacity, show_results, show_uncertainty  # noqa: F401 (re-exported)
-from .volumes import (add_volume_node_from_image, image_data_from_array, node_ijk_to_ras,  # noqa: F401 (re-exported)
-                      volume_node_to_image)
+from .volumes import add_volume_node_from_image, image_data_from_array, node_ijk_to_ras, volume_node_to_image  # noqa: F401 (re-exported)
 
 ATTR_OOD_SCORE = "MultiTaskSeg.OODScore"
 ATTR_OOD_THRESHOLD = "MultiTaskSeg.OODThreshold"

@@ -125,7 +125,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def _predictor(self, bundle, device: str):
         from MultiTaskSegLib.predictor import Predictor
-        key = (str(bundle.path), bundle.meta.get("files", {}).get("model.safetensors"), device)
+        key = (str(bundle.path), (bundle.schema.files or {}).get("model.safetensors"), device)
         if key not in self._predictors:
             self._predictors = {key: Predictor(bundle, device)}  # keep one model in memory
         return self._predictors[key]
