@@ -1,5 +1,6 @@
 """MultiTaskSeg Slicer module: a thin shell (widgets, parameter node, the worker process, progress,
 cancel) over the MRML adapter (MultiTaskSegMRML) and the core (MultiTaskSegLib); see DESIGN.md."""
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,9 @@ from slicer.util import VTKObservationMixin
 # Slicer where torch is not installed yet. The Logic and the parameters live in MultiTaskSegShell/.
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME
 from MultiTaskSegLib.errors import MultiTaskSegError
-from MultiTaskSegLib.ood_gauge import context_description, gauge_layout
+from MultiTaskSegLib.ood_gauge import context_description
 from MultiTaskSegMRML.adapter import quality_text
+from MultiTaskSegShell.gauge_widget import OODGaugeWidget
 from MultiTaskSegShell.logic import MultiTaskSegLogic, MultiTaskSegParameterNode, chosenModelPath
 
 #: SHA-256 of Resources/SampleData/totalseg_ct01.nii.gz (SampleData checks it after copying).
@@ -45,64 +47,32 @@ class MultiTaskSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segments organs in CT and MR with one joint 3D network, without being told the dataset or organ. "
             "Every segmentation comes with a voxelwise uncertainty map and an out-of-distribution (OOD) score that "
-            "says whether the image resembles anything the model was trained on.")
+            "says whether the image resembles anything the model was trained on."
+        )
         self.parent.acknowledgementText = _(
-            "Spectral OOD detection after the cnn_ood method; sample CT from TotalSegmentator (Apache-2.0).")
+            "Spectral OOD detection after the cnn_ood method; sample CT from TotalSegmentator (Apache-2.0)."
+        )
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerSampleData() -> None:
     """The shipped sample CT in the Sample Data module (copied from the module folder, checksum checked)."""
     import SampleData
+
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="MultiTaskSeg", sampleName="MultiTaskSegSampleCT", uris=SAMPLE_VOLUME.as_uri(),
-        fileNames=SAMPLE_VOLUME.name, nodeNames="MultiTaskSegSampleCT", checksums=f"SHA256:{SAMPLE_SHA256}",
-        thumbnailFileName=str(Path(__file__).resolve().parent / "Resources" / "Icons" / "MultiTaskSeg.png"))
+        category="MultiTaskSeg",
+        sampleName="MultiTaskSegSampleCT",
+        uris=SAMPLE_VOLUME.as_uri(),
+        fileNames=SAMPLE_VOLUME.name,
+        nodeNames="MultiTaskSegSampleCT",
+        checksums=f"SHA256:{SAMPLE_SHA256}",
+        thumbnailFileName=str(Path(__file__).resolve().parent / "Resources" / "Icons" / "MultiTaskSeg.png"),
+    )
 
 
 #
 # OOD gauge (painting only; the geometry comes from MultiTaskSegLib.ood_gauge)
 #
-class OODGaugeWidget(qt.QWidget):
-    def __init__(self, parent=None):
-        qt.QWidget.__init__(self, parent)
-        self.layoutInfo = None
-        self.setMinimumHeight(56)
-
-    def setResult(self, score: float, threshold: Optional[float], context: str) -> None:
-        self.layoutInfo = gauge_layout(score, float("inf") if threshold is None else threshold, context)
-        self.setToolTip(self.layoutInfo.score_text)
-        self.update()
-
-    def clear(self) -> None:
-        self.layoutInfo = None
-        self.update()
-
-    def paintEvent(self, event) -> None:
-        info = self.layoutInfo
-        if info is None:
-            return
-        painter = qt.QPainter(self)
-        try:
-            margin, barTop, barHeight = 6, 4, 14
-            width = self.width - 2 * margin
-            for band in info.bands:
-                painter.fillRect(qt.QRectF(margin + band.start * width, barTop, (band.end - band.start) * width,
-                                           barHeight), qt.QColor(*band.color))
-            painter.setPen(qt.QPen(qt.QColor(0, 0, 0), 2))
-            x = margin + info.threshold_position * width
-            painter.drawLine(qt.QLineF(x, barTop - 3, x, barTop + barHeight + 3))  # threshold marker
-            x = margin + info.score_position * width
-            painter.setBrush(qt.QBrush(qt.QColor(30, 30, 30)))
-            painter.drawPolygon(qt.QPolygonF([qt.QPointF(x, barTop + barHeight), qt.QPointF(x - 6, barTop + barHeight + 9),
-                                              qt.QPointF(x + 6, barTop + barHeight + 9)]))  # score pointer
-            painter.setPen(self.palette.color(qt.QPalette.WindowText))
-            text = info.score_text + (f" — {info.context_text}" if info.context_text else "")
-            painter.drawText(qt.QRectF(margin, barTop + barHeight + 12, width, 18), qt.Qt.AlignLeft, text)
-        finally:
-            painter.end()
-
-
 #
 # MultiTaskSegWidget
 #
@@ -153,8 +123,9 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Reload the packages below the shell too (Slicer reloads only this file)."""
         if self.logic:
             self.logic.cancel()
-        for name in [n for n in sys.modules if n.split(".")[0] in ("MultiTaskSegLib", "MultiTaskSegMRML",
-                                                                  "MultiTaskSegShell")]:
+        for name in [
+            n for n in sys.modules if n.split(".")[0] in ("MultiTaskSegLib", "MultiTaskSegMRML", "MultiTaskSegShell")
+        ]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -191,8 +162,11 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # connectGui returns no tag on Slicer 5.8.0/5.8.1; connectParametersToGui does on every version
-            bound = {w.property("SlicerParameterName"): w for w in vars(self.ui).values()
-                     if hasattr(w, "property") and w.property("SlicerParameterName")}
+            bound = {
+                w.property("SlicerParameterName"): w
+                for w in vars(self.ui).values()
+                if hasattr(w, "property") and w.property("SlicerParameterName")
+            }
             self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(bound)
             self._lastInputID = self._parameterNode.inputVolume.GetID() if self._parameterNode.inputVolume else None
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
@@ -249,10 +223,19 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self._resetResults()
             self.logic.processInBackground(
-                p.inputVolume, segmentationNode=p.outputSegmentation, uncertaintyNode=p.outputUncertainty,
-                modelPath=chosenModelPath(p), device=p.device, mcDropout=p.mcDropoutPasses,
-                tta=p.testTimeAugmentation, opacity=p.uncertaintyOpacity, onProgress=self._onProgress,
-                onOOD=self._onOOD, onNotice=self._onNotice, onFinished=self._onFinished)
+                p.inputVolume,
+                segmentationNode=p.outputSegmentation,
+                uncertaintyNode=p.outputUncertainty,
+                modelPath=chosenModelPath(p),
+                device=p.device,
+                mcDropout=p.mcDropoutPasses,
+                tta=p.testTimeAugmentation,
+                opacity=p.uncertaintyOpacity,
+                onProgress=self._onProgress,
+                onOOD=self._onOOD,
+                onNotice=self._onNotice,
+                onFinished=self._onFinished,
+            )
             self.ui.progressBar.visible = True
             self.ui.statusLabel.text = _("Starting…")
         self._checkCanApply()
@@ -271,7 +254,8 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if ood.get("is_ood"):
             self.ui.oodWarningLabel.text = _(
                 "⚠ This image does not resemble the training data (nearest: {context}). "
-                "Check the segmentation carefully; it may be unreliable.").format(context=context)
+                "Check the segmentation carefully; it may be unreliable."
+            ).format(context=context)
 
     def _onNotice(self, text: str) -> None:
         self.ui.deviceNoticeLabel.text = text
@@ -299,12 +283,18 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillResults(result.report)
         report = result.report
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}.").format(
-            seconds=report.get("timings_s", {}).get("total", 0.0), device=report.get("device", "?"))
+            seconds=report.get("timings_s", {}).get("total", 0.0), device=report.get("device", "?")
+        )
 
     def _resetResults(self) -> None:
         self.gauge.clear()
-        for label in (self.ui.oodWarningLabel, self.ui.qualityLabel, self.ui.deviceNoticeLabel,
-                      self.ui.modelStatusLabel, self.ui.progressBar):
+        for label in (
+            self.ui.oodWarningLabel,
+            self.ui.qualityLabel,
+            self.ui.deviceNoticeLabel,
+            self.ui.modelStatusLabel,
+            self.ui.progressBar,
+        ):
             label.visible = False
         self.ui.progressBar.value = 0
         self.ui.resultsTable.setRowCount(0)
@@ -316,8 +306,10 @@ class MultiTaskSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         flagged = bool((report.get("quality") or {}).get("flag"))
         self.ui.qualityLabel.styleSheet = "color: #e65100; font-weight: bold;" if flagged else ""
         volumes, uncertainties = report.get("volumes_ml", {}), report.get("mean_uncertainty_per_label", {})
-        rows = [(name, volumes.get(name, 0.0), uncertainties.get(name))
-                for _value, name in sorted((int(v), n) for v, n in report.get("labels", {}).items())]
+        rows = [
+            (name, volumes.get(name, 0.0), uncertainties.get(name))
+            for _value, name in sorted((int(v), n) for v, n in report.get("labels", {}).items())
+        ]
         table = self.ui.resultsTable
         table.setRowCount(len(rows))
         for row, (name, volume, uncertainty) in enumerate(rows):
@@ -349,6 +341,7 @@ class MultiTaskSegTest(ScriptedLoadableModuleTest):
         import importlib.util
 
         from MultiTaskSegMRML.selftest import default_bundle_missing_reason, run_selftest
+
         reason = default_bundle_missing_reason()
         if reason is None and importlib.util.find_spec("torch") is None and slicer.app.testingEnabled():
             # a build machine in testing mode: do not install gigabytes of PyTorch for a self-test

@@ -1,4 +1,5 @@
 """The `mtseg` command: train, predict, evaluate (and bench)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +14,14 @@ from MultiTaskSegLib.errors import MultiTaskSegError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtseg", description="MultiTaskSeg: joint multi-context 3D segmentation "
-                                     "with calibrated uncertainty and spectral OOD detection")
+    parser = argparse.ArgumentParser(
+        prog="mtseg",
+        description="MultiTaskSeg: joint multi-context 3D segmentation "
+        "with calibrated uncertainty and spectral OOD detection",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     from . import predict_cmd
+
     _add(sub, "predict", "segment volumes with a model bundle", predict_cmd)
     for name, help_text, load, extra in _optional_commands():
         try:
@@ -30,14 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[tuple[str, str, Callable[[], ModuleType], str]]:
     """(name, help, loader, the pip extra that provides its dependencies), in the order --help lists them."""
+
     def local(module: str) -> Callable[[], ModuleType]:
         return lambda: importlib.import_module(f".{module}", __package__)
+
     return [
         ("train", "train a bundle on MSD-format datasets (joint, dedicated or fine-tune)", local("train_cmd"), "train"),
         ("evaluate", "Dice/HD95, calibration and OOD detection metrics for a bundle", local("evaluate_cmd"), "train"),
         ("finalise", "refit a bundle's OOD detector and quality model (same weights)", local("finalise_cmd"), "train"),
-        ("trust", "trust benchmark: OOD detection, artefacts and failure detection of a bundle", local("trust_cmd"),
-         "train"),
+        (
+            "trust",
+            "trust benchmark: OOD detection, artefacts and failure detection of a bundle",
+            local("trust_cmd"),
+            "train",
+        ),
         ("bench", "benchmark predict and training against MONAI (writes BENCHMARKS.md)", _benchmarks, "bench"),
     ]
 
@@ -56,6 +67,7 @@ def _benchmarks():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from benchmarks import cli
+
     return cli
 
 
@@ -72,6 +84,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from MultiTaskSegLib.inference import allow_malloc_tuning
+
     allow_malloc_tuning()  # this process is ours alone (inside Slicer the core leaves malloc as it is)
     try:
         return int(args.run(args) or 0)
@@ -87,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line for users, the traceback on request
         if os.environ.get("MTSEG_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set MTSEG_DEBUG=1 for the traceback and "
-              "please report it)", file=sys.stderr)
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (set MTSEG_DEBUG=1 for the traceback and please report it)",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -1,4 +1,5 @@
 """Training configuration: defaults, loading from YAML/JSON, command-line overrides."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,10 @@ class TrainConfig:
             try:
                 import yaml
             except ImportError:
-                raise MultiTaskSegError(f"{path}: reading a YAML config needs PyYAML, which comes with the training "
-                                        "extra: pip install 'multitaskseg[train]' (or give the config as JSON)") from None
+                raise MultiTaskSegError(
+                    f"{path}: reading a YAML config needs PyYAML, which comes with the training "
+                    "extra: pip install 'multitaskseg[train]' (or give the config as JSON)"
+                ) from None
             raw = yaml.safe_load(text) or {}
         else:
             raw = json.loads(text)

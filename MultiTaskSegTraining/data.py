@@ -4,6 +4,7 @@ A dataset folder holds ``dataset.json`` (MSD keys: ``name``, ``modality``, ``lab
 ``training`` = [{"image", "label"}]) with ``imagesTr/`` and ``labelsTr/``. Everything that can
 be wrong with it is checked before any training starts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,13 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     return DatasetSpec(name, root, _modality(meta), labels, cases, meta)
 
 
-def split_cases(spec: DatasetSpec, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                previous: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+def split_cases(
+    spec: DatasetSpec,
+    seed: int,
+    test_fraction: float = 0.2,
+    val_fraction: float = 0.1,
+    previous: dict[str, list[str]] | None = None,
+) -> dict[str, list[str]]:
     """Deterministic patient-level split: the same seed and dataset always give the same split.
 
     ``previous`` (an earlier split of this dataset, e.g. the one stored in the bundle a run starts
@@ -120,16 +126,18 @@ def split_cases(spec: DatasetSpec, seed: int, test_fraction: float = 0.2, val_fr
     n_val = max(1, int(round(val_fraction * n))) if n - n_test >= 3 else 0
     if previous:
         known = {c.case_id: c.group for c in spec.cases}
-        fixed = {part: {known[cid] for cid in previous.get(part, []) if cid in known} for part in ("test", "val", "train")}
+        fixed = {
+            part: {known[cid] for cid in previous.get(part, []) if cid in known} for part in ("test", "val", "train")
+        }
         taken = set().union(*fixed.values())
         fresh = [g for g in order if g not in taken]
         k_test = max(0, n_test - len(fixed["test"]))
         k_val = max(0, n_val - len(fixed["val"]))
         test = fixed["test"] | set(fresh[:k_test])
-        val = (fixed["val"] | set(fresh[k_test:k_test + k_val])) - test  # a test patient stays test only
-        train = (fixed["train"] | set(fresh[k_test + k_val:])) - test - val
+        val = (fixed["val"] | set(fresh[k_test : k_test + k_val])) - test  # a test patient stays test only
+        train = (fixed["train"] | set(fresh[k_test + k_val :])) - test - val
     else:
-        test, val, train = set(order[:n_test]), set(order[n_test:n_test + n_val]), set(order[n_test + n_val:])
+        test, val, train = set(order[:n_test]), set(order[n_test : n_test + n_val]), set(order[n_test + n_val :])
     pick = lambda gs: sorted(c.case_id for c in spec.cases if c.group in gs)  # noqa: E731
     return {"train": pick(train), "val": pick(val), "test": pick(test)}
 
@@ -147,11 +155,12 @@ class LabelSpace:
         return sorted(set(self.local_to_global[context].values()))
 
 
-def build_label_space(specs: list[DatasetSpec], mode: str = "per_structure", merge_same_names: bool = False) -> LabelSpace:
+def build_label_space(
+    specs: list[DatasetSpec], mode: str = "per_structure", merge_same_names: bool = False
+) -> LabelSpace:
     """``per_structure``: each structure its own output; ``shared_foreground``: the original method's one output."""
     if mode == "shared_foreground":
-        return LabelSpace(["foreground"], [s.name for s in specs], [0],
-                          [{v: 1 for v in s.labels} for s in specs])
+        return LabelSpace(["foreground"], [s.name for s in specs], [0], [{v: 1 for v in s.labels} for s in specs])
     if mode != "per_structure":
         raise MultiTaskSegError(f"unknown label mode {mode!r}: use per_structure or shared_foreground")
     names, owner, maps = [], [], []
@@ -183,8 +192,9 @@ class CachedCase:
     shape_mm: tuple[float, ...]
 
 
-def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, cache_dir: Path,
-                    dataset_index: int) -> CachedCase:
+def preprocess_case(
+    case: Case, spec: DatasetSpec, config: PreprocessingConfig, cache_dir: Path, dataset_index: int
+) -> CachedCase:
     """Preprocess (or load from cache) one case; checks the label against the image and dataset.json."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{spec.name}__{case.case_id}__{_cache_key(case, config)}.npz"
@@ -195,8 +205,9 @@ def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, 
     label = sitk.ReadImage(str(case.label))
     if label.GetSize() != image.GetSize():
         raise DatasetError(f"{case.label}: label size {label.GetSize()} does not match image size {image.GetSize()}")
-    if not np.allclose(label.GetSpacing(), image.GetSpacing(), rtol=1e-4) or \
-            not np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3):
+    if not np.allclose(label.GetSpacing(), image.GetSpacing(), rtol=1e-4) or not np.allclose(
+        label.GetOrigin(), image.GetOrigin(), atol=1e-3
+    ):
         raise DatasetError(f"{case.label}: label geometry (spacing/origin) differs from its image")
     values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - {0}
     undeclared = sorted(values - set(spec.labels))
@@ -205,8 +216,9 @@ def preprocess_case(case: Case, spec: DatasetSpec, config: PreprocessingConfig, 
     # modality detected from intensities exactly as at inference, so training sees what users will
     pre = preprocess(image, config, None)
     if pre.modality != spec.modality:
-        warnings.warn(f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}",
-                      stacklevel=2)
+        warnings.warn(
+            f"{case.image}: intensities look like {pre.modality} but {spec.name} says {spec.modality}", stacklevel=2
+        )
     lab = resample_label_to_grid(label, pre.grid)
     shape_mm = tuple(np.array(image.GetSize()) * np.array(image.GetSpacing()))
     with atomic_path(path, suffix=".npz") as tmp:  # per process: data-parallel ranks may cache a case at once

@@ -1,4 +1,5 @@
 """Data-parallel set-up under torchrun (gloo on CPU, NCCL on GPUs)."""
+
 from __future__ import annotations
 
 import os

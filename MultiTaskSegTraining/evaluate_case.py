@@ -6,6 +6,7 @@ Segmentation is scored on the ORIGINAL image grid, exactly as `mtseg predict` ma
 structures; calibration on the canonical grid the network sees, against the label resampled
 there by nearest neighbour (unrestricted probabilities).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ class EvalOptions:
 @dataclass
 class _Pass:
     """What one sliding-window pass over an image gives."""
+
     pre: object
     logits: torch.Tensor
     gram: dict
@@ -115,8 +117,10 @@ class Evaluator:
                 slices[layer] = slice(start, start + n)
                 start += n
             if start != self.detector.signatures.shape[1]:
-                raise MultiTaskSegError(f"{self.bundle.path}: signatures.npz has {self.detector.signatures.shape[1]} "
-                                        f"dimensions but the layers {self.layers} give {start}")
+                raise MultiTaskSegError(
+                    f"{self.bundle.path}: signatures.npz has {self.detector.signatures.shape[1]} "
+                    f"dimensions but the layers {self.layers} give {start}"
+                )
             self.layer_slices = slices
         return self.layer_slices
 
@@ -135,8 +139,9 @@ class Evaluator:
         """Mean normalised entropy of the average of the deterministic and N dropout softmaxes."""
         bar = StageBar(title, disable=self.options.quiet)
         try:
-            probs = self.predictor.mc_dropout_average(base_probs.clone(), array, self.window, self.options.mc_dropout,
-                                                      bar.update)
+            probs = self.predictor.mc_dropout_average(
+                base_probs.clone(), array, self.window, self.options.mc_dropout, bar.update
+            )
         finally:
             bar.close()
         return float(normalised_entropy(probs).mean())
@@ -145,6 +150,7 @@ class Evaluator:
 @dataclass
 class Baselines:
     """The baseline OOD scores fitted on the training split."""
+
     mahalanobis: MahalanobisDetector | None
     size_detector: SizeControlDetector
 
@@ -158,12 +164,25 @@ class Baselines:
 
 def new_calibration_bins(datasets: Sequence[EvalDataset], temps: list[tuple[str, float]], n_bins: int) -> dict:
     """dataset → temperature key → structure value → {whole, boundary} pooled bins."""
-    return {ds.spec.name: {k: {v: {"whole": PooledReliability(n_bins), "boundary": PooledReliability(n_bins)}
-                               for v in ds.structures} for k, _ in temps} for ds in datasets}
+    return {
+        ds.spec.name: {
+            k: {v: {"whole": PooledReliability(n_bins), "boundary": PooledReliability(n_bins)} for v in ds.structures}
+            for k, _ in temps
+        }
+        for ds in datasets
+    }
 
 
-def score_test_case(ev: Evaluator, ds: EvalDataset, case, title: str, temps: list[tuple[str, float]], calib: dict,
-                    baselines: Baselines, with_mc: bool) -> tuple[dict, dict, np.ndarray, OODResult, sitk.Image]:
+def score_test_case(
+    ev: Evaluator,
+    ds: EvalDataset,
+    case,
+    title: str,
+    temps: list[tuple[str, float]],
+    calib: dict,
+    baselines: Baselines,
+    with_mc: bool,
+) -> tuple[dict, dict, np.ndarray, OODResult, sitk.Image]:
     """Segmentation, calibration (accumulated into ``calib``) and OOD scores of one labelled case.
 
     Returns (case record, OOD record, signature, OOD result, image).
@@ -174,8 +193,9 @@ def score_test_case(ev: Evaluator, ds: EvalDataset, case, title: str, temps: lis
     image = read_volume(case.image)
     label_image = sitk.ReadImage(str(case.label))
     if label_image.GetSize() != image.GetSize():
-        raise DatasetError(f"{case.label}: label size {label_image.GetSize()} does not match image size "
-                           f"{image.GetSize()}")
+        raise DatasetError(
+            f"{case.label}: label size {label_image.GetSize()} does not match image size {image.GetSize()}"
+        )
     p = ev.run(image, title)
     signature, spectral_scores, ood = ev.spectral(p.gram)
     head = int(np.argmax(p.context_logits)) if p.context_logits is not None else None
@@ -189,8 +209,9 @@ def score_test_case(ev: Evaluator, ds: EvalDataset, case, title: str, temps: lis
     for key, temp in temps:
         probs = softmax_with_temperature(p.logits, temp)
         for v in ds.structures:
-            cal = structure_calibration(probs[v].numpy(), gt_canon == v, argmax == v, options.n_bins,
-                                        options.band_radius)
+            cal = structure_calibration(
+                probs[v].numpy(), gt_canon == v, argmax == v, options.n_bins, options.band_radius
+            )
             calib[ds.spec.name][key][v]["whole"].add(cal["whole"])
             calib[ds.spec.name][key][v]["boundary"].add(cal["boundary"])
         if temp == ev.temperature:
@@ -208,8 +229,14 @@ def score_test_case(ev: Evaluator, ds: EvalDataset, case, title: str, temps: lis
     del probs_t, entropy
     gt = ds.lut[sitk.GetArrayFromImage(label_image)]
     spacing = image.GetSpacing()[::-1]
-    rec = {"case": case.case_id, "dataset": ds.spec.name, "dice": {}, "hd95_mm": {}, "dice_restricted": {},
-           "hd95_mm_restricted": {}}
+    rec = {
+        "case": case.case_id,
+        "dataset": ds.spec.name,
+        "dice": {},
+        "hd95_mm": {},
+        "dice_restricted": {},
+        "hd95_mm_restricted": {},
+    }
     for v, name in ds.structures.items():
         g = gt == v
         rec["dice"][name] = dice(labels == v, g)
@@ -218,36 +245,78 @@ def score_test_case(ev: Evaluator, ds: EvalDataset, case, title: str, temps: lis
         rec["hd95_mm_restricted"][name] = hd95(restricted == v, g, spacing)
     fg = labels > 0
     other = fg & ~np.isin(labels, context_labels[ds.context])
-    rec.update({"foreground_voxels": int(fg.sum()), "other_context_voxels": int(other.sum()),
-                "confusion_rate": float(other.sum() / fg.sum()) if fg.any() else None,
-                "context_head": names[head] if head is not None else None,
-                "context_signature": names[by_signature], "context_used": names[recognised],
-                "ood": ood.to_dict(), "scores": scores})
-    ood_record = {"case": case.case_id, "group": ds.spec.name, "ood": False, "scores": scores,
-                  "spectral_is_ood": ood.is_ood, "nearest_context": ood.nearest_context,
-                  "recognised_context": names[recognised]}
+    rec.update(
+        {
+            "foreground_voxels": int(fg.sum()),
+            "other_context_voxels": int(other.sum()),
+            "confusion_rate": float(other.sum() / fg.sum()) if fg.any() else None,
+            "context_head": names[head] if head is not None else None,
+            "context_signature": names[by_signature],
+            "context_used": names[recognised],
+            "ood": ood.to_dict(),
+            "scores": scores,
+        }
+    )
+    ood_record = {
+        "case": case.case_id,
+        "group": ds.spec.name,
+        "ood": False,
+        "scores": scores,
+        "spectral_is_ood": ood.is_ood,
+        "nearest_context": ood.nearest_context,
+        "recognised_context": names[recognised],
+    }
     return rec, ood_record, signature, ood, image
 
 
-def size_check(ev: Evaluator, ds: EvalDataset, case, image: sitk.Image, ood: OODResult, score: float,
-               size_detector: SizeControlDetector, title: str) -> list[dict]:
+def size_check(
+    ev: Evaluator,
+    ds: EvalDataset,
+    case,
+    image: sitk.Image,
+    ood: OODResult,
+    score: float,
+    size_detector: SizeControlDetector,
+    title: str,
+) -> list[dict]:
     """The spectral score of the original, its central 50 % crop and its 2× padding."""
-    records = [{"case": case.case_id, "context": ds.spec.name, "variant": "original",
-                "size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
-                "score": ood.score, "threshold": ood.threshold, "is_ood": ood.is_ood,
-                "size_control_score": score}]
+    records = [
+        {
+            "case": case.case_id,
+            "context": ds.spec.name,
+            "variant": "original",
+            "size": list(image.GetSize()),
+            "spacing": list(image.GetSpacing()),
+            "score": ood.score,
+            "threshold": ood.threshold,
+            "is_ood": ood.is_ood,
+            "size_control_score": score,
+        }
+    ]
     for variant, make in (("crop_central_50pct", central_crop), ("pad_2x_min", pad_to_factor)):
         ts = time.perf_counter()
         v_img = make(image)
         vp = ev.run(v_img, f"{title} {variant}")
         _, _, v_ood = ev.spectral(vp.gram)
-        records.append({"case": case.case_id, "context": ds.spec.name, "variant": variant,
-                        "size": list(v_img.GetSize()), "spacing": list(v_img.GetSpacing()),
-                        "score": v_ood.score, "threshold": v_ood.threshold, "is_ood": v_ood.is_ood,
-                        "size_control_score": size_detector.score(image_geometry(v_img))})
-        log(f"{title} {variant}: size {v_img.GetSize()}, spectral score {v_ood.score:.4f} "
+        records.append(
+            {
+                "case": case.case_id,
+                "context": ds.spec.name,
+                "variant": variant,
+                "size": list(v_img.GetSize()),
+                "spacing": list(v_img.GetSpacing()),
+                "score": v_ood.score,
+                "threshold": v_ood.threshold,
+                "is_ood": v_ood.is_ood,
+                "size_control_score": size_detector.score(image_geometry(v_img)),
+            }
+        )
+        log(
+            f"{title} {variant}: size {v_img.GetSize()}, spectral score {v_ood.score:.4f} "
             f"({'OOD' if v_ood.is_ood else 'in distribution'}; original {ood.score:.4f}) "
-            f"({time.perf_counter() - ts:.1f} s)", ev.options.quiet)
+            f"({time.perf_counter() - ts:.1f} s)",
+            ev.options.quiet,
+        )
     return records
 
 
@@ -261,7 +330,14 @@ def score_ood_volume(ev: Evaluator, name: str, path, title: str, baselines: Base
     if ev.options.mc_dropout > 0:
         scores["mc_dropout_entropy"] = ev.mc_dropout_entropy(p.pre.array, probs_t, title)
     recognised = ev.predictor.recognise_context(p.context_logits, ood)
-    record = {"case": name, "group": "ood", "ood": True, "path": str(path), "scores": scores,
-              "spectral_is_ood": ood.is_ood, "nearest_context": ood.nearest_context,
-              "recognised_context": ev.bundle.context_names[recognised]}
+    record = {
+        "case": name,
+        "group": "ood",
+        "ood": True,
+        "path": str(path),
+        "scores": scores,
+        "spectral_is_ood": ood.is_ood,
+        "nearest_context": ood.nearest_context,
+        "recognised_context": ev.bundle.context_names[recognised],
+    }
     return record, signature

@@ -1,4 +1,5 @@
 """What `mtseg evaluate` runs on: the bundle's datasets with their split and label mapping, and OOD volumes."""
+
 from __future__ import annotations
 
 import os
@@ -35,29 +36,38 @@ def match_datasets(bundle: Bundle, data_dirs: Sequence[str | os.PathLike]) -> li
     training = bundle.schema.training
     split = training.split
     if not isinstance(split, dict) or not split:
-        raise MultiTaskSegError(f"{bundle.path}: bundle.json has no training.split; evaluation needs the bundle's "
-                                "own train/val/test split (bundles from `mtseg train` have it)")
+        raise MultiTaskSegError(
+            f"{bundle.path}: bundle.json has no training.split; evaluation needs the bundle's "
+            "own train/val/test split (bundles from `mtseg train` have it)"
+        )
     names = bundle.context_names
     out = []
     for d in data_dirs:
         spec = load_dataset(d)
         if spec.name not in split or spec.name not in names:
-            raise MultiTaskSegError(f"{spec.root}: dataset '{spec.name}' is not one this bundle was trained on "
-                                    f"(its datasets: {', '.join(sorted(split))}); a bundle can only be evaluated "
-                                    "on the test split of its own datasets")
+            raise MultiTaskSegError(
+                f"{spec.root}: dataset '{spec.name}' is not one this bundle was trained on "
+                f"(its datasets: {', '.join(sorted(split))}); a bundle can only be evaluated "
+                "on the test split of its own datasets"
+            )
         if any(e.spec.name == spec.name for e in out):
             raise MultiTaskSegError(f"dataset '{spec.name}' given twice")
         have = {c.case_id for c in spec.cases}
         listed = [cid for part in split[spec.name].values() for cid in part]
         missing = sorted(set(listed) - have)
         if missing:
-            raise MultiTaskSegError(f"{spec.root}: {len(missing)} case id(s) of the bundle's split for '{spec.name}' "
-                                    f"are not in this dataset (e.g. {missing[0]}); is it the same dataset version "
-                                    "the bundle was trained on?")
+            raise MultiTaskSegError(
+                f"{spec.root}: {len(missing)} case id(s) of the bundle's split for '{spec.name}' "
+                f"are not in this dataset (e.g. {missing[0]}); is it the same dataset version "
+                "the bundle was trained on?"
+            )
         recorded = {r.get("name"): r.get("sha256") for r in training.datasets or [] if isinstance(r, dict)}
         if recorded.get(spec.name) and recorded[spec.name] != spec.content_hash():
-            warnings.warn(f"{spec.root}: content hash differs from the one recorded at training time "
-                          "(files changed since); evaluating anyway", stacklevel=2)
+            warnings.warn(
+                f"{spec.root}: content hash differs from the one recorded at training time "
+                "(files changed since); evaluating anyway",
+                stacklevel=2,
+            )
         ci = names.index(spec.name)
         allowed = [int(v) for v in bundle.contexts[ci]["labels"]]
         label_names = bundle.label_names
@@ -69,9 +79,11 @@ def match_datasets(bundle: Bundle, data_dirs: Sequence[str | os.PathLike]) -> li
             else:
                 hits = [v for v in allowed if label_names.get(v) == name]
                 if not hits:
-                    raise MultiTaskSegError(f"{spec.root}: label {local} '{name}' has no output in the bundle's "
-                                            f"context '{spec.name}' (its structures: "
-                                            f"{', '.join(label_names[v] for v in allowed)})")
+                    raise MultiTaskSegError(
+                        f"{spec.root}: label {local} '{name}' has no output in the bundle's "
+                        f"context '{spec.name}' (its structures: "
+                        f"{', '.join(label_names[v] for v in allowed)})"
+                    )
                 glob = hits[0]
             lut[local] = glob
             structures[glob] = label_names[glob]

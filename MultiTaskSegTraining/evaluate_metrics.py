@@ -4,6 +4,7 @@ Dice = 2|A∩B| / (|A|+|B|): ``None`` when both masks are empty, 0 when only one
 max of the two directed 95th percentiles of surface-to-surface distances. Summaries (mean,
 std, median) skip ``None``s and say how many there were.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from scipy import ndimage
 from MultiTaskSegLib.calibration import Reliability
 
 # --- metrics on masks ------------------------------------------------------------------------
+
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float | None:
     """Dice of two binary masks; None when both are empty."""
@@ -67,6 +69,7 @@ def summarise(values: dict[str, float | None]) -> dict:
 
 # --- pooled calibration ----------------------------------------------------------------------
 
+
 class PooledReliability:
     """Bin counts, confidence sums and accuracy sums accumulated over cases."""
 
@@ -97,6 +100,7 @@ class PooledReliability:
 
 
 # --- JSON --------------------------------------------------------------------------------------
+
 
 def json_clean(obj):
     """numpy → Python, NaN/Inf → None, tuples → lists, Paths → str."""

@@ -1,4 +1,5 @@
 """`mtseg finalise`: refit a bundle's OOD detector and quality model from its weights and stored split."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,16 @@ from .evaluate_cmd import _optional_count
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="the bundle whose weights and training.split are used")
     p.add_argument("--data", nargs="+", required=True, metavar="DATASET", help="the bundle's MSD dataset folders")
-    p.add_argument("--output", "-o", required=True, help="the new bundle directory (may equal --bundle with "
-                                                         "--overwrite)")
-    p.add_argument("--fit-cases", type=_optional_count, default=4, metavar="N|all",
-                   help="train+val cases per context to fit on, each also with one seeded artefact (default 4)")
+    p.add_argument(
+        "--output", "-o", required=True, help="the new bundle directory (may equal --bundle with --overwrite)"
+    )
+    p.add_argument(
+        "--fit-cases",
+        type=_optional_count,
+        default=4,
+        metavar="N|all",
+        help="train+val cases per context to fit on, each also with one seeded artefact (default 4)",
+    )
     p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
@@ -23,6 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .trust_finalise import refit_trust
 
-    refit_trust(args.bundle, args.data, args.output, Path(args.records) if args.records else None, args.fit_cases,
-                args.device, args.overwrite, log=lambda m: print(m, file=sys.stderr, flush=True))
+    refit_trust(
+        args.bundle,
+        args.data,
+        args.output,
+        Path(args.records) if args.records else None,
+        args.fit_cases,
+        args.device,
+        args.overwrite,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     return 0

@@ -8,6 +8,7 @@ p'(bg) = p(bg) + Σ_{c not annotated} p(c). Cross-entropy and soft Dice are comp
 merged probabilities, so predicting an unannotated structure where the label says 0 costs
 nothing, and nothing pushes it towards background.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def remap_target(target: torch.Tensor, annotated: list[int]) -> torch.Tensor:
     return lut[target.long().clamp_max(len(lut) - 1)]
 
 
-def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: list[list[int]],
-                       dice_weight: float = 1.0) -> torch.Tensor:
+def partial_label_loss(
+    logits: torch.Tensor, target: torch.Tensor, annotated: list[list[int]], dice_weight: float = 1.0
+) -> torch.Tensor:
     """Marginal cross-entropy + soft Dice, averaged over the batch.
 
     logits (B, K, *spatial); target (B, *spatial) with global label values; annotated[b] lists

@@ -20,6 +20,7 @@ Baselines:
   Euclidean distance to the nearest training case in standardised log space. It shows how
   much of a detector's separation image geometry alone explains.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import torch
 from MultiTaskSegLib.uncertainty import normalised_entropy
 
 # --- detection metrics -----------------------------------------------------------------
+
 
 def detection_metrics(id_scores: Sequence[float], ood_scores: Sequence[float]) -> dict:
     """AUROC and FPR at 95 % TPR with OOD as the positive class; None when undefined.
@@ -55,6 +57,7 @@ def detection_metrics(id_scores: Sequence[float], ood_scores: Sequence[float]) -
 
 # --- uncertainty baselines ----------------------------------------------------------------
 
+
 def uncertainty_scores(probs: torch.Tensor) -> dict[str, float]:
     """Image-level scores from (C, z, y, x) class probabilities on the canonical grid.
 
@@ -64,12 +67,15 @@ def uncertainty_scores(probs: torch.Tensor) -> dict[str, float]:
     entropy = normalised_entropy(probs)
     top, arg = probs.max(0)
     fg = arg > 0
-    return {"entropy_whole": float(entropy.mean()),
-            "entropy_foreground": float(entropy[fg].mean()) if bool(fg.any()) else 1.0,
-            "max_softmax": float(1.0 - top.mean())}
+    return {
+        "entropy_whole": float(entropy.mean()),
+        "entropy_foreground": float(entropy[fg].mean()) if bool(fg.any()) else 1.0,
+        "max_softmax": float(1.0 - top.mean()),
+    }
 
 
 # --- pooled bottleneck features (for Mahalanobis) ------------------------------------------
+
 
 class PooledFeatures:
     """Forward hook on a module: the mean over windows of each window's spatially averaged output.
@@ -137,6 +143,7 @@ class MahalanobisDetector:
 
 # --- size control ----------------------------------------------------------------------------
 
+
 def geometry_features(size_xyz: Sequence[int], spacing_xyz: Sequence[float]) -> np.ndarray:
     """log size (voxels), log physical extent (mm) and log spacing (mm), per axis: 9 numbers."""
     size = np.asarray(size_xyz, dtype=np.float64)
@@ -176,6 +183,7 @@ class SizeControlDetector:
 
 
 # --- size-robustness variants ---------------------------------------------------------------
+
 
 def central_crop(image: sitk.Image, fraction: float = 0.5) -> sitk.Image:
     """The central ``fraction`` of the image per axis (geometry kept: same voxels, same places)."""

@@ -1,4 +1,5 @@
 """Evaluation plots (matplotlib, Agg backend: no display needed). Each function writes one PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,9 +56,15 @@ def reliability_diagram(reliability: dict, context: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def signature_pca(train: np.ndarray, train_context: Sequence[int], test: Sequence[np.ndarray],
-                  test_context: Sequence[int], ood: Sequence[np.ndarray], context_names: Sequence[str],
-                  path: Path) -> Path:
+def signature_pca(
+    train: np.ndarray,
+    train_context: Sequence[int],
+    test: Sequence[np.ndarray],
+    test_context: Sequence[int],
+    ood: Sequence[np.ndarray],
+    context_names: Sequence[str],
+    path: Path,
+) -> Path:
     """2D PCA (fitted on the training signatures) of training, test and OOD signatures."""
     from sklearn.decomposition import PCA
 
@@ -77,8 +84,9 @@ def signature_pca(train: np.ndarray, train_context: Sequence[int], test: Sequenc
         for k, name in enumerate(context_names):
             m = test_context == k
             if m.any():
-                ax.scatter(te[m, 0], te[m, 1], s=50, marker="^", color=cmap(k % 10), edgecolor="k",
-                           label=f"{name} (test)")
+                ax.scatter(
+                    te[m, 0], te[m, 1], s=50, marker="^", color=cmap(k % 10), edgecolor="k", label=f"{name} (test)"
+                )
     if len(ood):
         oo = pca.transform(np.stack(ood))
         ax.scatter(oo[:, 0], oo[:, 1], s=50, marker="X", color="k", label="OOD")
@@ -143,12 +151,15 @@ def dice_boxplot(contexts: dict, path: Path) -> Path:
             restricted.append([v for v in c["dice_restricted"][name]["cases"].values() if v is not None])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.8))
     pos = np.arange(len(labels))
-    for data, offset, colour, name in ((plain, -0.18, "tab:blue", "unrestricted"),
-                                       (restricted, 0.18, "tab:orange", "restricted to recognised context")):
+    for data, offset, colour, name in (
+        (plain, -0.18, "tab:blue", "unrestricted"),
+        (restricted, 0.18, "tab:orange", "restricted to recognised context"),
+    ):
         keep = [i for i, d in enumerate(data) if d]
         if keep:
-            bp = ax.boxplot([data[i] for i in keep], positions=pos[keep] + offset, widths=0.3, patch_artist=True,
-                            showfliers=True)
+            bp = ax.boxplot(
+                [data[i] for i in keep], positions=pos[keep] + offset, widths=0.3, patch_artist=True, showfliers=True
+            )
             for box in bp["boxes"]:
                 box.set_facecolor(colour)
                 box.set_alpha(0.6)
@@ -172,8 +183,10 @@ def size_control(records: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cases)), 4.5))
     width = 0.25
     for k, v in enumerate(variants):
-        vals = [next((r["score"] for r in records if (r["context"], r["case"]) == c and r["variant"] == v), np.nan)
-                for c in cases]
+        vals = [
+            next((r["score"] for r in records if (r["context"], r["case"]) == c and r["variant"] == v), np.nan)
+            for c in cases
+        ]
         ax.bar(np.arange(len(cases)) + (k - 1) * width, vals, width, label=v)
     threshold = records[0]["threshold"]
     ax.axhline(threshold, color="r", ls="--", lw=1, label="threshold")

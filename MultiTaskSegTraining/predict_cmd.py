@@ -1,4 +1,5 @@
 """`mtseg predict`: segment volumes with a bundle, writing labels, uncertainty and a JSON report."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,20 +17,34 @@ from .progress import StageBar
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="volume file (NIfTI, NRRD, MHA), DICOM series folder, or folder of volume files")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="volume file (NIfTI, NRRD, MHA), DICOM series folder, or folder of volume files",
+    )
     p.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="model bundle directory (default: the shipped model)")
-    p.add_argument("--output-dir", "-o", required=True, help="where <case>_seg.nii.gz, _uncertainty.nii.gz and .json go")
+    p.add_argument(
+        "--output-dir", "-o", required=True, help="where <case>_seg.nii.gz, _uncertainty.nii.gz and .json go"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4× slower)")
     p.add_argument("--mc-dropout", type=int, default=0, metavar="N", help="add N MC-dropout passes to the uncertainty")
     p.add_argument("--modality", choices=["CT", "MR"], help="override modality detection from intensities")
-    p.add_argument("--restrict-to-context", dest="restrict", action="store_true", default=None,
-                   help="keep only the structures of the recognised context (default: the bundle's setting)")
+    p.add_argument(
+        "--restrict-to-context",
+        dest="restrict",
+        action="store_true",
+        default=None,
+        help="keep only the structures of the recognised context (default: the bundle's setting)",
+    )
     p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
-    p.add_argument("--cpu-bf16", action="store_true",
-                   help="bf16 arithmetic on CPU: about 2× faster on CPUs with AMX/AVX512-BF16, outputs differ "
-                        "slightly from the default full precision (see BENCHMARKS.md)")
+    p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="bf16 arithmetic on CPU: about 2× faster on CPUs with AMX/AVX512-BF16, outputs differ "
+        "slightly from the default full precision (see BENCHMARKS.md)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--png", action="store_true", help="also write <case>_overlay.png: a slice with both overlays")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -58,15 +73,20 @@ def run(args: argparse.Namespace) -> int:
     names = [c for c, _ in cases]
     dupes = sorted({c for c in names if names.count(c) > 1})
     if dupes:
-        raise MultiTaskSegError(f"several inputs share the case name(s) {', '.join(dupes)}; their outputs would collide")
+        raise MultiTaskSegError(
+            f"several inputs share the case name(s) {', '.join(dupes)}; their outputs would collide"
+        )
     if not args.overwrite:
         existing = [str(p) for c in names for p in output_paths(out, c).values() if p.exists()]
         if existing:
-            raise MultiTaskSegError(f"{existing[0]} already exists ({len(existing)} output file(s) in total); "
-                                    "choose another --output-dir or pass --overwrite")
+            raise MultiTaskSegError(
+                f"{existing[0]} already exists ({len(existing)} output file(s) in total); "
+                "choose another --output-dir or pass --overwrite"
+            )
     predictor = Predictor(bundle, args.device)
-    options = PredictOptions(args.device, args.tta, args.mc_dropout, args.modality, args.restrict,
-                             cpu_bf16=args.cpu_bf16)
+    options = PredictOptions(
+        args.device, args.tta, args.mc_dropout, args.modality, args.restrict, cpu_bf16=args.cpu_bf16
+    )
     failures = []
     for i, (case, path) in enumerate(cases):
         bar = StageBar(f"[{i + 1}/{len(cases)}] {case}", disable=args.quiet)
@@ -76,16 +96,26 @@ def run(args: argparse.Namespace) -> int:
             save_prediction(prediction, output_paths(out, case), {"input": str(path), "bundle": str(bundle.path)})
             if args.png:
                 from .snapshot import write_overlay_png
+
                 colors = {int(l["value"]): l["color"] for l in bundle.labels}
                 flag = " — OUT OF DISTRIBUTION" if prediction.ood.is_ood else ""
-                write_overlay_png(image, prediction.labels, prediction.uncertainty, colors, prediction.label_names,
-                                  out / f"{case}_overlay.png", f"{case}: context {prediction.context}, OOD score "
-                                  f"{prediction.ood.score:.3f} / threshold {prediction.ood.threshold:.3f}{flag}")
+                write_overlay_png(
+                    image,
+                    prediction.labels,
+                    prediction.uncertainty,
+                    colors,
+                    prediction.label_names,
+                    out / f"{case}_overlay.png",
+                    f"{case}: context {prediction.context}, OOD score "
+                    f"{prediction.ood.score:.3f} / threshold {prediction.ood.threshold:.3f}{flag}",
+                )
             bar.close()
             flag = "OUT OF DISTRIBUTION" if prediction.ood.is_ood else "in distribution"
-            print(f"{case}: context {prediction.context}; OOD score {prediction.ood.score:.3f} "
-                  f"(threshold {prediction.ood.threshold:.3f}, {flag}); {prediction.timings_s['total']:.1f} s",
-                  file=sys.stderr)
+            print(
+                f"{case}: context {prediction.context}; OOD score {prediction.ood.score:.3f} "
+                f"(threshold {prediction.ood.threshold:.3f}, {flag}); {prediction.timings_s['total']:.1f} s",
+                file=sys.stderr,
+            )
         except MultiTaskSegError as exc:
             bar.close()
             failures.append(str(exc))

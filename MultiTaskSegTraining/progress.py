@@ -1,4 +1,5 @@
 """Progress display on stderr (tqdm when installed, plain lines otherwise)."""
+
 from __future__ import annotations
 
 import sys
@@ -28,8 +29,13 @@ class StageBar:
             if self.bar is not None:
                 self.bar.close()
             self.stage = stage
-            self.bar = tqdm(total=100, desc=f"{self.title} {stage}", leave=False, file=sys.stderr,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+            self.bar = tqdm(
+                total=100,
+                desc=f"{self.title} {stage}",
+                leave=False,
+                file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}",
+            )
         self.bar.n = int(round(100 * fraction))
         self.bar.refresh()
 

@@ -1,4 +1,5 @@
 """The set-up stage of a training run: logging, data (split, preprocessing, label space), the model."""
+
 from __future__ import annotations
 
 import json
@@ -43,14 +44,20 @@ def prepare_data(config: TrainConfig, work: Path, main: bool = True):
         raise MultiTaskSegError(f"datasets with the same name given twice: {names}")
     split_path = work / "split.json"
     previous = previous_split(config)
-    splits = {s.name: split_cases(s, config.seed, config.test_fraction, config.val_fraction, previous.get(s.name))
-              for s in specs}
+    splits = {
+        s.name: split_cases(s, config.seed, config.test_fraction, config.val_fraction, previous.get(s.name))
+        for s in specs
+    }
     for name, parts in splits.items():
         empty = [part for part in ("val", "test") if not parts[part]]
         if empty and main:
-            log.warning("%s: the split leaves no %s case (%d cases in all): %s", name, " and no ".join(empty),
-                        sum(len(v) for v in parts.values()),
-                        "no temperature fit or validation on it" if "val" in empty else "nothing to test it on")
+            log.warning(
+                "%s: the split leaves no %s case (%d cases in all): %s",
+                name,
+                " and no ".join(empty),
+                sum(len(v) for v in parts.values()),
+                "no temperature fit or validation on it" if "val" in empty else "nothing to test it on",
+            )
     if split_path.exists():
         previous = json.loads(split_path.read_text(encoding="utf-8"))
         if previous != splits:
@@ -106,20 +113,33 @@ def to_global_labels(cases: list[CachedCase], space: LabelSpace) -> None:
 
 
 def build_model(config: TrainConfig, space: LabelSpace, n_contexts: int) -> ResidualUNet3D:
-    net_cfg = NetworkConfig(1, len(space.names) + 1, tuple(config.widths), 1, config.dropout,
-                            n_contexts if (config.context_head and n_contexts > 1) else 0)
+    net_cfg = NetworkConfig(
+        1,
+        len(space.names) + 1,
+        tuple(config.widths),
+        1,
+        config.dropout,
+        n_contexts if (config.context_head and n_contexts > 1) else 0,
+    )
     model = ResidualUNet3D(net_cfg)
     if config.init_bundle:
         source = load_bundle(config.init_bundle)
         if tuple(source.network_config.widths) != net_cfg.widths:
-            raise MultiTaskSegError(f"{config.init_bundle}: widths {source.network_config.widths} differ from "
-                                    f"the config's {net_cfg.widths}; fine-tuning needs the same architecture")
+            raise MultiTaskSegError(
+                f"{config.init_bundle}: widths {source.network_config.widths} differ from "
+                f"the config's {net_cfg.widths}; fine-tuning needs the same architecture"
+            )
         state = source.load_model("cpu").state_dict()
         own = model.state_dict()
         compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(compatible, strict=False)
-        log.info("fine-tuning from %s: %d/%d tensors loaded (%s)", config.init_bundle, len(compatible), len(own),
-                 config.finetune)
+        log.info(
+            "fine-tuning from %s: %d/%d tensors loaded (%s)",
+            config.init_bundle,
+            len(compatible),
+            len(own),
+            config.finetune,
+        )
         if config.finetune == "decoder":
             for p in model.encoders.parameters():
                 p.requires_grad_(False)

@@ -1,4 +1,5 @@
 """Patch sampling across datasets with foreground oversampling, and 3D augmentation in torch."""
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,16 @@ class PatchSampler:
     is seen as often as a large one; ``"any"`` picks among all foreground voxels.
     """
 
-    def __init__(self, cases: list[CachedCase], n_datasets: int, patch: tuple[int, int, int],
-                 scheme: str = "sqrt", foreground_fraction: float = 0.5, seed: int = 0,
-                 foreground_mode: str = "per_structure"):
+    def __init__(
+        self,
+        cases: list[CachedCase],
+        n_datasets: int,
+        patch: tuple[int, int, int],
+        scheme: str = "sqrt",
+        foreground_fraction: float = 0.5,
+        seed: int = 0,
+        foreground_mode: str = "per_structure",
+    ):
         if foreground_mode not in ("per_structure", "any"):
             raise ValueError(f"foreground_mode must be 'per_structure' or 'any', not {foreground_mode!r}")
         self.patch = patch
@@ -86,7 +94,9 @@ def _foreground_coords(label: np.ndarray, mode: str, per_group: int = 20000) -> 
     return out
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float = 0.8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation/scaling, intensity (gamma, contrast, brightness), noise and low-resolution simulation.
 
     No mirroring: left and right structures (kidneys) are different labels.
@@ -94,7 +104,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float
     b = x.shape[0]
     out_x, out_y = [], []
     for i in range(b):
-        xi, yi = x[i:i + 1], y[i:i + 1, None].float()
+        xi, yi = x[i : i + 1], y[i : i + 1, None].float()
         if rng.random() < p:
             angles = rng.uniform(-0.26, 0.26, 3)  # ±15°
             scale = rng.uniform(0.85, 1.2)

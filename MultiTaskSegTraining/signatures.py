@@ -1,4 +1,5 @@
 """Training signatures for the spectral OOD detector, computed exactly as at inference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +22,16 @@ def _variant(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(crop, 0, None) ** gamma
 
 
-def case_signatures(model: torch.nn.Module, cases: list[CachedCase], window: WindowConfig, device: torch.device,
-                    layers: list[str], length: int | None, augmentations: int = 0,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def case_signatures(
+    model: torch.nn.Module,
+    cases: list[CachedCase],
+    window: WindowConfig,
+    device: torch.device,
+    layers: list[str],
+    length: int | None,
+    augmentations: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Signatures of every case (plus ``augmentations`` variants each): (N×D, context index, case ids)."""
     rng = np.random.default_rng(seed + 17)
     rows, contexts, ids = [], [], []

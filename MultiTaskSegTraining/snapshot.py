@@ -1,4 +1,5 @@
 """A PNG of one slice with the segmentation and the uncertainty map overlaid (matplotlib)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,18 @@ def _axial(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
 
 
-def write_overlay_png(image: sitk.Image, labels: sitk.Image, uncertainty: sitk.Image, colors: dict[int, list[int]],
-                      names: dict[int, str], path: Path, title: str = "") -> Path:
+def write_overlay_png(
+    image: sitk.Image,
+    labels: sitk.Image,
+    uncertainty: sitk.Image,
+    colors: dict[int, list[int]],
+    names: dict[int, str],
+    path: Path,
+    title: str = "",
+) -> Path:
     """Axial slice through the largest segmented area: image | image + labels | image + uncertainty."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
@@ -34,8 +43,14 @@ def write_overlay_png(image: sitk.Image, labels: sitk.Image, uncertainty: sitk.I
         ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
         ax.axis("off")
     axes[0].set_title("image")
-    axes[1].imshow(np.ma.masked_equal(lab[z], 0), cmap=ListedColormap(table), vmin=0, vmax=n - 1,
-                   interpolation="nearest", aspect=aspect)
+    axes[1].imshow(
+        np.ma.masked_equal(lab[z], 0),
+        cmap=ListedColormap(table),
+        vmin=0,
+        vmax=n - 1,
+        interpolation="nearest",
+        aspect=aspect,
+    )
     present = [v for v in np.unique(lab[z]) if v > 0]
     axes[1].set_title("segmentation: " + ", ".join(names.get(int(v), str(v)) for v in present)[:60])
     shown = axes[2].imshow(unc[z], cmap="inferno", vmin=0, vmax=1, alpha=0.6, aspect=aspect)

@@ -1,4 +1,5 @@
 """Temperature scaling fitted on the validation cases (never on test cases)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,15 @@ from .data import CachedCase
 from .losses import merged_log_probs, remap_target
 
 
-def fit_temperature(model: torch.nn.Module, cases: list[CachedCase], window: WindowConfig, device: torch.device,
-                    annotated: list[list[int]], max_voxels: int = 200_000, seed: int = 0) -> tuple[float, float | None]:
+def fit_temperature(
+    model: torch.nn.Module,
+    cases: list[CachedCase],
+    window: WindowConfig,
+    device: torch.device,
+    annotated: list[list[int]],
+    max_voxels: int = 200_000,
+    seed: int = 0,
+) -> tuple[float, float | None]:
     """The T > 0 minimising the (partial-label) NLL of softmax(logits / T) on validation voxels.
 
     Returns (1.0, None) when there is no validation case.
@@ -31,8 +39,12 @@ def fit_temperature(model: torch.nn.Module, cases: list[CachedCase], window: Win
         fg = np.flatnonzero(case.label.reshape(-1) > 0)
         bg = np.flatnonzero(case.label.reshape(-1) == 0)
         n = max_voxels // (2 * len(cases))
-        idx = np.concatenate([rng.choice(fg, min(n, len(fg)), replace=False) if len(fg) else fg,
-                              rng.choice(bg, min(n, len(bg)), replace=False)])
+        idx = np.concatenate(
+            [
+                rng.choice(fg, min(n, len(fg)), replace=False) if len(fg) else fg,
+                rng.choice(bg, min(n, len(bg)), replace=False),
+            ]
+        )
         samples.append((flat[:, idx], label[idx], annotated[case.dataset]))
 
     def nll(log_t: float) -> float:
@@ -46,6 +58,5 @@ def fit_temperature(model: torch.nn.Module, cases: list[CachedCase], window: Win
         return total / count
 
     with torch.inference_mode():
-        result = minimize_scalar(nll, bounds=(np.log(0.25), np.log(8.0)), method="bounded",
-                                 options={"xatol": 1e-3})
+        result = minimize_scalar(nll, bounds=(np.log(0.25), np.log(8.0)), method="bounded", options={"xatol": 1e-3})
     return float(np.exp(result.x)), float(result.fun)

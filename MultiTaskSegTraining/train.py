@@ -4,6 +4,7 @@ A run goes through named stages: set-up (``TrainingRun.set_up``: data, split, mo
 resume), steps (``training_step``, shared with the benchmark), checkpoints and validation while it
 runs, and ``finalise`` (temperature, post-processing, signatures, threshold, the bundle).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,17 @@ def lr_at(config: TrainConfig, progress: float) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * rest))
 
 
-def training_step(net: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  x: torch.Tensor, y: torch.Tensor, datasets: list[int], annotated: list[list[int]],
-                  context_loss_weight: float, autocast: tuple[str, torch.dtype, bool]) -> torch.Tensor:
+def training_step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    datasets: list[int],
+    annotated: list[list[int]],
+    context_loss_weight: float,
+    autocast: tuple[str, torch.dtype, bool],
+) -> torch.Tensor:
     """One optimiser step on a batch: forward (under autocast when enabled), partial-label loss plus the
     context head's cross-entropy, backward, gradient clipping; returns the loss."""
     device_type, dtype, enabled = autocast
@@ -109,9 +118,15 @@ class TrainingRun:
         model = build_model(config, space, len(specs)).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        sampler = PatchSampler(cases["train"], len(specs), tuple(config.patch_size), config.sampling,
-                               config.foreground_fraction, seed=config.seed * 1000 + ddp.rank,
-                               foreground_mode=config.foreground_mode)
+        sampler = PatchSampler(
+            cases["train"],
+            len(specs),
+            tuple(config.patch_size),
+            config.sampling,
+            config.foreground_fraction,
+            seed=config.seed * 1000 + ddp.rank,
+            foreground_mode=config.foreground_mode,
+        )
         aug_rng = np.random.default_rng(config.seed * 7919 + ddp.rank)
         return cls(config, work, ddp, device, specs, splits, pre, space, cases, model, opt, sampler, aug_rng)
 
@@ -129,9 +144,15 @@ class TrainingRun:
 
     def state_dict(self) -> dict:
         """Everything --resume needs to continue the same run."""
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                "elapsed": self.elapsed, "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
-                "aug_rng": json.dumps(self.aug_rng.bit_generator.state), "torch_rng": torch.get_rng_state()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
+            "aug_rng": json.dumps(self.aug_rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def restore(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -155,15 +176,22 @@ class TrainingRun:
         record = {"step": self.step, "minutes": round(self.elapsed / 60, 1), "dice": scores}
         with open(self.work / "validation.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("validation at step %d: mean Dice %.3f (%s) in %.0f s", self.step, scores.get("mean", float("nan")),
-                 ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "mean"), time.perf_counter() - t0)
+        log.info(
+            "validation at step %d: mean Dice %.3f (%s) in %.0f s",
+            self.step,
+            scores.get("mean", float("nan")),
+            ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "mean"),
+            time.perf_counter() - t0,
+        )
 
     def run_steps(self) -> None:
         """Train until the step count or the wall-clock budget is spent, with checkpoints and validation."""
         c, ddp, dev = self.config, self.ddp, self.device
         net: torch.nn.Module = self.model
         if ddp.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
         use_amp = dev.type == "cuda" or (dev.type == "cpu" and c.cpu_bf16)
         amp_dtype = torch.bfloat16 if dev.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -172,9 +200,18 @@ class TrainingRun:
         self.model.train()
         annotated = self.annotated
         bar = _progress_bar(c.steps, self.step) if ddp.main else None
-        log.info("training %s on %s: %d train / %d val cases, %d outputs, %d steps, batch %d×%d, device %s",
-                 "+".join(s.name for s in self.specs), dev, len(self.cases["train"]), len(self.cases["val"]),
-                 len(self.space.names), c.steps, c.batch_size, ddp.world, dev)
+        log.info(
+            "training %s on %s: %d train / %d val cases, %d outputs, %d steps, batch %d×%d, device %s",
+            "+".join(s.name for s in self.specs),
+            dev,
+            len(self.cases["train"]),
+            len(self.cases["val"]),
+            len(self.space.names),
+            c.steps,
+            c.batch_size,
+            ddp.world,
+            dev,
+        )
         t_last, data_time = time.perf_counter(), 0.0
         while self.progress < 1.0:
             progress = self.progress
@@ -186,8 +223,9 @@ class TrainingRun:
             data_time += time.perf_counter() - t0
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(c, progress)
-            loss = training_step(net, self.opt, scaler, x, y, ds, annotated, c.context_loss_weight,
-                                 (dev.type, amp_dtype, use_amp))
+            loss = training_step(
+                net, self.opt, scaler, x, y, ds, annotated, c.context_loss_weight, (dev.type, amp_dtype, use_amp)
+            )
             self.step += 1
             now = time.perf_counter()
             self.elapsed += now - t0
@@ -201,8 +239,15 @@ class TrainingRun:
                 bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.3f}", lr=f"{lr_at(c, progress):.1e}")
             if ddp.main and self.step % 25 == 0:
                 rate = 25 * c.batch_size * ddp.world / (now - t_last)
-                log.info("step %d/%d loss %.4f lr %.2e %.2f patches/s data %.0f%% of step time", self.step, c.steps,
-                         np.mean(self.losses[-25:]), lr_at(c, progress), rate, 100 * data_time / (now - t_last))
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.2f patches/s data %.0f%% of step time",
+                    self.step,
+                    c.steps,
+                    np.mean(self.losses[-25:]),
+                    lr_at(c, progress),
+                    rate,
+                    100 * data_time / (now - t_last),
+                )
                 t_last, data_time = now, 0.0
             if ddp.main and self.step % c.checkpoint_every == 0:
                 self.checkpoint()
@@ -224,8 +269,15 @@ def _progress_bar(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", file=sys.stderr)
 
 
-def train(config: TrainConfig, output: Path, work: Path | None = None, resume: bool = False,
-          overwrite: bool = False, device: str = "auto", save_replicas: bool = False) -> Path:
+def train(
+    config: TrainConfig,
+    output: Path,
+    work: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    save_replicas: bool = False,
+) -> Path:
     """Run training and write a bundle to ``output``; returns its path."""
     output = Path(output)
     work = Path(work) if work else output.with_name(output.name + "_work")
@@ -234,35 +286,62 @@ def train(config: TrainConfig, output: Path, work: Path | None = None, resume: b
         if output.exists() and any(output.iterdir()) and not overwrite:
             raise MultiTaskSegError(f"{output} already exists; choose a new --output or pass --overwrite")
         if (work / CHECKPOINT).exists() and not resume:
-            raise MultiTaskSegError(f"{work} holds a checkpoint of an earlier run: pass --resume to continue it, "
-                                    "or choose another --output / --work-dir")
+            raise MultiTaskSegError(
+                f"{work} holds a checkpoint of an earlier run: pass --resume to continue it, "
+                "or choose another --output / --work-dir"
+            )
         work.mkdir(parents=True, exist_ok=True)
     if ddp.world > 1:
         dist.barrier()
     setup_logging(work, ddp.main)
     if config.threads:
         torch.set_num_threads(config.threads)
-    dev = select_device(device) if ddp.world == 1 or not torch.cuda.is_available() else \
-        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dev = (
+        select_device(device)
+        if ddp.world == 1 or not torch.cuda.is_available()
+        else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    )
     run = TrainingRun.set_up(config, work, ddp, dev)
     if resume and (work / CHECKPOINT).exists():
         run.restore(work / CHECKPOINT)
     run.run_steps()
     if save_replicas:
         from safetensors.torch import save_file
-        save_file({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
-                  str(work / f"replica_{ddp.rank}.safetensors"))
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
+            str(work / f"replica_{ddp.rank}.safetensors"),
+        )
     if ddp.world > 1:
         dist.barrier()
     if ddp.main:
         run.checkpoint()
         log.info("training done: %d steps in %.1f min; finalising the bundle", run.step, run.elapsed / 60)
-        finalise(config, run.model.eval(), run.specs, run.splits, run.preprocessing, run.space, run.cases, output,
-                 dev, run.step, run.elapsed)
+        finalise(
+            config,
+            run.model.eval(),
+            run.specs,
+            run.splits,
+            run.preprocessing,
+            run.space,
+            run.cases,
+            output,
+            dev,
+            run.step,
+            run.elapsed,
+        )
         if config.trust_fit_cases != 0:
             from .trust_finalise import refit_trust  # the same code as `mtseg finalise`
-            refit_trust(output, config.data, output, fit_cases=config.trust_fit_cases, device=str(dev),
-                        overwrite=True, log=log.info)
+
+            refit_trust(
+                output,
+                config.data,
+                output,
+                fit_cases=config.trust_fit_cases,
+                device=str(dev),
+                overwrite=True,
+                log=log.info,
+            )
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """`mtseg train`: joint / dedicated / fine-tune training from MSD-format datasets."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with training options (see configs/)")
     p.add_argument("--output", "-o", required=True, help="bundle directory to write")
     p.add_argument("--work-dir", help="checkpoints, log and split (default: <output>_work)")
-    p.add_argument("--mode", choices=["joint", "dedicated", "finetune"],
-                   help="checked against the data given: joint needs ≥2 datasets, dedicated 1, finetune --init-bundle")
+    p.add_argument(
+        "--mode",
+        choices=["joint", "dedicated", "finetune"],
+        help="checked against the data given: joint needs ≥2 datasets, dedicated 1, finetune --init-bundle",
+    )
     p.add_argument("--init-bundle", help="fine-tune (transfer learning) from this bundle")
     p.add_argument("--finetune", choices=["all", "decoder"], help="what fine-tuning trains (default all)")
     p.add_argument("--steps", type=int)
@@ -34,12 +38,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     if args.config:  # paths in a config file are relative to it
         base = Path(args.config).resolve().parent
-        config = config.updated({"data": [str((base / d).resolve()) for d in config.data],
-                                 **{k: str((base / v).resolve()) for k in ("split_from", "init_bundle")
-                                    if (v := getattr(config, k))}})
-    overrides = {"steps": args.steps, "max_minutes": args.max_minutes, "label_mode": args.label_mode,
-                 "seed": args.seed, "threads": args.threads, "cache_dir": args.cache_dir,
-                 "init_bundle": args.init_bundle, "finetune": args.finetune}
+        config = config.updated(
+            {
+                "data": [str((base / d).resolve()) for d in config.data],
+                **{k: str((base / v).resolve()) for k in ("split_from", "init_bundle") if (v := getattr(config, k))},
+            }
+        )
+    overrides = {
+        "steps": args.steps,
+        "max_minutes": args.max_minutes,
+        "label_mode": args.label_mode,
+        "seed": args.seed,
+        "threads": args.threads,
+        "cache_dir": args.cache_dir,
+        "init_bundle": args.init_bundle,
+        "finetune": args.finetune,
+    }
     if args.data:
         overrides["data"] = [str(Path(d).resolve()) for d in args.data]
     config = config.updated(overrides)
@@ -55,7 +69,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from .train import train  # torch-heavy import only when training
+
     config = config_from_args(args)
-    train(config, Path(args.output), Path(args.work_dir) if args.work_dir else None, args.resume, args.overwrite,
-          args.device, args.save_replicas)
+    train(
+        config,
+        Path(args.output),
+        Path(args.work_dir) if args.work_dir else None,
+        args.resume,
+        args.overwrite,
+        args.device,
+        args.save_replicas,
+    )
     return 0

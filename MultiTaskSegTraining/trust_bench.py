@@ -10,6 +10,7 @@ Families (everything from ../shared; test cases are only ever scored, never fitt
 - ``ood_near`` / ``ood_far``: ood-dev volumes (near = trained anatomy in another sequence or
   a brain template, see NEAR_OOD).
 """
+
 from __future__ import annotations
 
 import time
@@ -44,8 +45,7 @@ class Plan:
     fit_only: bool = False  # only the fit families (what `mtseg finalise` needs)
 
 
-CI_PLAN = Plan(fit_cases=2, shift_cases=1, severities=(3,), kinds=("noise", "anisotropy"), unseen_cases=0,
-               id_cases=2)
+CI_PLAN = Plan(fit_cases=2, shift_cases=1, severities=(3,), kinds=("noise", "anisotropy"), unseen_cases=0, id_cases=2)
 
 
 @dataclass
@@ -100,7 +100,9 @@ def work_list(bundle: Bundle, data_dirs: Sequence, ood_dirs: Sequence, plan: Pla
         fit = pick_even(ds.cases("train") + ds.cases("val"), plan.fit_cases)
         jobs += [labelled("fit", ds, c) for c in fit]
         for i, c in enumerate(fit):  # one artefact each: types in turn, severities alternating
-            jobs.append(labelled("fit_shift", ds, c, (kinds[i % len(kinds)], plan.severities[i % len(plan.severities)])))
+            jobs.append(
+                labelled("fit_shift", ds, c, (kinds[i % len(kinds)], plan.severities[i % len(plan.severities)]))
+            )
     if plan.fit_only:
         return jobs
     shifted = [(ds, c) for ds in datasets for c in pick_even(ds.cases("test"), plan.shift_cases)]
@@ -121,9 +123,15 @@ def run_job(predictor: Predictor, job: Job) -> dict:
         label = job.dataset.lut[sitk.GetArrayFromImage(sitk.ReadImage(str(job.label)))]
         structures = job.dataset.structures
     rec = image_record(predictor, image, label, structures)
-    rec.update({"family": job.family, "key": job.key, "dataset": job.dataset.spec.name if job.dataset else None,
-                "context": job.dataset.context if job.dataset else None,
-                "corruption": list(job.corruption) if job.corruption else None})
+    rec.update(
+        {
+            "family": job.family,
+            "key": job.key,
+            "dataset": job.dataset.spec.name if job.dataset else None,
+            "context": job.dataset.context if job.dataset else None,
+            "corruption": list(job.corruption) if job.corruption else None,
+        }
+    )
     return rec
 
 
@@ -139,7 +147,9 @@ def run_all(predictor: Predictor, jobs: list[Job], records_dir: Path, log=print)
         if fresh:
             d = rec.get("dice") or {}
             mean = np.mean([v for v in d.values() if v is not None]) if any(v is not None for v in d.values()) else None
-            log(f"[{i + 1}/{len(jobs)}] {job.key}: {rec['seconds']['total']:.1f} s; shipped OOD score "
+            log(
+                f"[{i + 1}/{len(jobs)}] {job.key}: {rec['seconds']['total']:.1f} s; shipped OOD score "
                 f"{rec['shipped_score']:.4f}; Dice {'n/a' if mean is None else f'{mean:.3f}'} "
-                f"(elapsed {(time.perf_counter() - t0) / 60:.1f} min)")
+                f"(elapsed {(time.perf_counter() - t0) / 60:.1f} min)"
+            )
     return out

@@ -5,6 +5,7 @@
 Records are cached under OUT/records (an interrupted run resumes); OUT/trust.json holds the
 tables and OUT/*.png the ROC and risk-coverage plots. ``--ci`` runs the small subset CI uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     plan = CI_PLAN if args.ci else Plan()
     jobs = work_list(bundle, args.data, args.ood, plan)
     print(f"trust benchmark: {len(jobs)} image(s) ({'CI subset' if args.ci else 'full plan'})", file=sys.stderr)
-    records = run_all(Predictor(bundle, args.device), jobs, out / "records",
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    records = run_all(
+        Predictor(bundle, args.device), jobs, out / "records", log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     if args.records_only:
         return 0
     from .trust_report import write_report
+
     write_report(bundle, records, out)
     return 0

@@ -6,6 +6,7 @@ original intensity range afterwards; geometry (size, spacing, origin, direction)
 Severity 1 is mild, 2 moderate, 3 severe. The parameters are fixed per severity (not drawn
 from ranges), only the random phase of each artefact comes from the seed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,13 +17,21 @@ SEVERITIES: dict[str, dict[int, dict]] = {
     "noise": {1: {"std": (0.03, 0.03)}, 2: {"std": (0.08, 0.08)}, 3: {"std": (0.2, 0.2)}},
     "blur": {1: {"std": (1.0, 1.0)}, 2: {"std": (2.5, 2.5)}, 3: {"std": (5.0, 5.0)}},
     "bias": {1: {"coefficients": (0.1, 0.1)}, 2: {"coefficients": (0.25, 0.25)}, 3: {"coefficients": (0.5, 0.5)}},
-    "ghosting": {1: {"num_ghosts": (4, 4), "intensity": (0.3, 0.3)}, 2: {"num_ghosts": (6, 6), "intensity": (0.7, 0.7)},
-                 3: {"num_ghosts": (10, 10), "intensity": (1.2, 1.2)}},
-    "motion": {1: {"degrees": 3, "translation": 3, "num_transforms": 2},
-               2: {"degrees": 8, "translation": 8, "num_transforms": 3},
-               3: {"degrees": 15, "translation": 15, "num_transforms": 4}},
-    "spike": {1: {"num_spikes": 1, "intensity": (0.3, 0.3)}, 2: {"num_spikes": 2, "intensity": (0.8, 0.8)},
-              3: {"num_spikes": 4, "intensity": (1.5, 1.5)}},
+    "ghosting": {
+        1: {"num_ghosts": (4, 4), "intensity": (0.3, 0.3)},
+        2: {"num_ghosts": (6, 6), "intensity": (0.7, 0.7)},
+        3: {"num_ghosts": (10, 10), "intensity": (1.2, 1.2)},
+    },
+    "motion": {
+        1: {"degrees": 3, "translation": 3, "num_transforms": 2},
+        2: {"degrees": 8, "translation": 8, "num_transforms": 3},
+        3: {"degrees": 15, "translation": 15, "num_transforms": 4},
+    },
+    "spike": {
+        1: {"num_spikes": 1, "intensity": (0.3, 0.3)},
+        2: {"num_spikes": 2, "intensity": (0.8, 0.8)},
+        3: {"num_spikes": 4, "intensity": (1.5, 1.5)},
+    },
     "anisotropy": {1: {"downsampling": (2, 2)}, 2: {"downsampling": (4, 4)}, 3: {"downsampling": (7, 7)}},
     "gamma": {1: {"log_gamma": (0.3, 0.3)}, 2: {"log_gamma": (-0.7, -0.7)}, 3: {"log_gamma": (1.2, 1.2)}},
 }
@@ -31,9 +40,16 @@ SEVERITIES: dict[str, dict[int, dict]] = {
 def _transform(kind: str, severity: int):
     import torchio as tio
 
-    cls = {"noise": tio.RandomNoise, "blur": tio.RandomBlur, "bias": tio.RandomBiasField,
-           "ghosting": tio.RandomGhosting, "motion": tio.RandomMotion, "spike": tio.RandomSpike,
-           "anisotropy": tio.RandomAnisotropy, "gamma": tio.RandomGamma}[kind]
+    cls = {
+        "noise": tio.RandomNoise,
+        "blur": tio.RandomBlur,
+        "bias": tio.RandomBiasField,
+        "ghosting": tio.RandomGhosting,
+        "motion": tio.RandomMotion,
+        "spike": tio.RandomSpike,
+        "anisotropy": tio.RandomAnisotropy,
+        "gamma": tio.RandomGamma,
+    }[kind]
     kwargs = dict(SEVERITIES[kind][severity])
     if kind == "noise":
         kwargs["mean"] = 0.0

@@ -9,6 +9,7 @@ temperature and everything else in bundle.json are kept; ``ood`` and ``quality``
 Records are cached per weights (``--records``, default ~/.cache/multitaskseg/trust/<sha>), so
 a rerun resumes. `mtseg train` calls the same code at the end of training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,9 +39,16 @@ def default_records_dir(bundle_path: Path) -> Path:
     return Path.home() / ".cache" / "multitaskseg" / "trust" / digest
 
 
-def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path, records_dir: Path | None = None,
-                fit_cases: int | None = DEFAULT_FIT_CASES, device: str = "auto", overwrite: bool = False,
-                log: Callable[[str], None] = print) -> Path:
+def refit_trust(
+    bundle_path: str | Path,
+    data_dirs: Sequence,
+    output: str | Path,
+    records_dir: Path | None = None,
+    fit_cases: int | None = DEFAULT_FIT_CASES,
+    device: str = "auto",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write ``output``: the bundle with a refitted detector and quality model (same weights)."""
     bundle_path, output = Path(bundle_path), Path(output)
     bundle = load_bundle(bundle_path)
@@ -53,19 +61,30 @@ def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path
     layers = list(bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # the run's ood_layers
     det, loo = fit_detector(fit, layers, bundle.context_names)
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
-    quality = fit_quality(fit + fit_shift, np.concatenate([loo, loo_scores(det, fit_shift)]), det.threshold,
-                          log_volume_stats(fit, names), names, context_labels,
-                          fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants")
-    ood = OodBlock(detector="spectral-ctx", layers=layers, spectrum_length=None, threshold=det.threshold,
-                   context_scale=[float(v) for v in det.context_scale],
-                   threshold_rule="conformal 95 % quantile of leave-one-case-out per-context kNN scores of the "
-                                  "train/val signatures (about 5 % false alarms on new in-distribution cases)",
-                   signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
-                             "L2-normalised per layer, concatenated",
-                   scoring="min over contexts of (distance to the context's nearest training signature) / "
-                           "(the context's mean leave-one-case-out nearest-neighbour distance, shrunk to the pooled "
-                           "mean with 3 pseudo-cases)",
-                   fitted_on=f"{len(fit)} train/val cases (bundle split)")
+    quality = fit_quality(
+        fit + fit_shift,
+        np.concatenate([loo, loo_scores(det, fit_shift)]),
+        det.threshold,
+        log_volume_stats(fit, names),
+        names,
+        context_labels,
+        fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
+    )
+    ood = OodBlock(
+        detector="spectral-ctx",
+        layers=layers,
+        spectrum_length=None,
+        threshold=det.threshold,
+        context_scale=[float(v) for v in det.context_scale],
+        threshold_rule="conformal 95 % quantile of leave-one-case-out per-context kNN scores of the "
+        "train/val signatures (about 5 % false alarms on new in-distribution cases)",
+        signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
+        "L2-normalised per layer, concatenated",
+        scoring="min over contexts of (distance to the context's nearest training signature) / "
+        "(the context's mean leave-one-case-out nearest-neighbour distance, shrunk to the pooled "
+        "mean with 3 pseudo-cases)",
+        fitted_on=f"{len(fit)} train/val cases (bundle split)",
+    )
     meta = dataclasses.replace(copy.deepcopy(bundle.schema), ood=ood, quality=quality.to_dict())
     state = load_file(str(bundle_path / MODEL_FILE), device="cpu")
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
@@ -80,6 +99,5 @@ def refit_trust(bundle_path: str | Path, data_dirs: Sequence, output: str | Path
                 shutil.copyfile(f, output / f.name)
         shutil.copyfile(staged / META_FILE, output / META_FILE)  # last: the hashes name files already in place
     load_bundle(output)  # hash check of what was written
-    log(f"wrote {output}: detector {det.name} threshold {det.threshold:.3f}, quality model on "
-        f"{quality.fitted_on}")
+    log(f"wrote {output}: detector {det.name} threshold {det.threshold:.3f}, quality model on {quality.fitted_on}")
     return output

@@ -14,6 +14,7 @@ Used by `mtseg finalise` (the bundle's detector and quality model) and by the tr
   on clean and corrupted fit cases by minimising the soft-label cross-entropy with a small
   L2 penalty.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,7 @@ def case_dice(rec: dict) -> float | None:
 
 
 def signature_rows(recs: Sequence[dict], layers: Sequence[str]) -> np.ndarray:
-    return np.stack([np.concatenate([np.asarray(r["signatures"][k], dtype=np.float64) for k in layers])
-                     for r in recs])
+    return np.stack([np.concatenate([np.asarray(r["signatures"][k], dtype=np.float64) for k in layers]) for r in recs])
 
 
 def conformal_quantile(values: np.ndarray, alpha: float) -> float:
@@ -50,8 +50,9 @@ def conformal_quantile(values: np.ndarray, alpha: float) -> float:
     return float(v[k - 1])
 
 
-def fit_detector(fit_recs: Sequence[dict], layers: Sequence[str], context_names: list[str],
-                 alpha: float = TARGET_FALSE_ALARMS) -> tuple[SpectralDetector, np.ndarray]:
+def fit_detector(
+    fit_recs: Sequence[dict], layers: Sequence[str], context_names: list[str], alpha: float = TARGET_FALSE_ALARMS
+) -> tuple[SpectralDetector, np.ndarray]:
     """(detector, leave-one-case-out score of every fit record) from clean fit records."""
     sig = signature_rows(fit_recs, layers)
     ctx = np.asarray([r["context"] for r in fit_recs])
@@ -80,8 +81,14 @@ def loo_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
     return np.asarray([det.nearest(s, exclude=det.case_ids == case_of(r))[0] for s, r in zip(sig, recs)])
 
 
-def quality_rows(recs: Sequence[dict], ood_scores: Sequence[float], threshold: float, model: QualityModel,
-                 names: dict[int, str], context_labels: list[list[int]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def quality_rows(
+    recs: Sequence[dict],
+    ood_scores: Sequence[float],
+    threshold: float,
+    model: QualityModel,
+    names: dict[int, str],
+    context_labels: list[list[int]],
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Feature rows and Dice targets of every (record, structure of the recognised context that the
     record's dataset annotates); the third list maps rows to records."""
     rows, target, owner = [], [], []
@@ -100,20 +107,28 @@ def log_volume_stats(fit_recs: Sequence[dict], names: dict[int, str]) -> dict[st
     """Per structure name: mean and std of log predicted volume over clean fit cases that annotate it."""
     values: dict[str, list[float]] = {}
     for r in fit_recs:
-        for v in (r.get("dice") or {}):
+        for v in r.get("dice") or {}:
             ml = r["evidence"].get(v, {}).get("volume_ml", 0.0)
             if ml > 0:
                 values.setdefault(names[int(v)], []).append(math.log(ml))
     return {k: [float(np.mean(x)), float(np.std(x)) if len(x) > 1 else 1.0] for k, x in values.items()}
 
 
-def fit_quality(recs: Sequence[dict], ood_scores: Sequence[float], threshold: float, volume: dict,
-                names: dict[int, str], context_labels: list[list[int]], l2: float = 1e-2,
-                fitted_on: str = "") -> QualityModel:
+def fit_quality(
+    recs: Sequence[dict],
+    ood_scores: Sequence[float],
+    threshold: float,
+    volume: dict,
+    names: dict[int, str],
+    context_labels: list[list[int]],
+    l2: float = 1e-2,
+    fitted_on: str = "",
+) -> QualityModel:
     from scipy.optimize import minimize
 
-    model = QualityModel([0.0] * len(FEATURES), 0.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), volume,
-                         fitted_on=fitted_on)
+    model = QualityModel(
+        [0.0] * len(FEATURES), 0.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), volume, fitted_on=fitted_on
+    )
     x, y, _ = quality_rows(recs, ood_scores, threshold, model, names, context_labels)
     if len(x) < len(FEATURES) + 2:
         raise ValueError(f"only {len(x)} labelled structures to fit the quality model on")

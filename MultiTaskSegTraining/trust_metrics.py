@@ -6,6 +6,7 @@
   oracle sorts by the true risk; a random order has the expected value = the mean risk.
 - Failure: case Dice < 0.5.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -36,12 +37,21 @@ def failure_table(signals: dict[str, Sequence[float]], dice: Sequence[float]) ->
     d = np.asarray(dice, dtype=np.float64)
     risk = 1.0 - d
     fail = d < FAILURE_DICE
-    out = {"n_cases": int(len(d)), "n_failures": int(fail.sum()), "aurc_oracle": aurc(risk, risk),
-           "aurc_random": float(risk.mean()), "signals": {}}
+    out = {
+        "n_cases": int(len(d)),
+        "n_failures": int(fail.sum()),
+        "aurc_oracle": aurc(risk, risk),
+        "aurc_random": float(risk.mean()),
+        "signals": {},
+    }
     for name, s in signals.items():
         s = np.asarray(s, dtype=np.float64)
         m = detection_metrics(s[~fail], s[fail])
-        out["signals"][name] = {"aurc": aurc(s, risk), "failure_auroc": m["auroc"], "failure_fpr_at_95_tpr": m["fpr_at_95_tpr"]}
+        out["signals"][name] = {
+            "aurc": aurc(s, risk),
+            "failure_auroc": m["auroc"],
+            "failure_fpr_at_95_tpr": m["fpr_at_95_tpr"],
+        }
     return out
 
 

@@ -9,6 +9,7 @@ control) and, for labelled images, the Dice of every annotated structure on the 
 (output restricted to the recognised context, as `predict` writes it). Records are cached as
 JSON files, so an interrupted benchmark resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def all_layers(predictor: Predictor) -> list[str]:
     return list(predictor.model.layer_names)
 
 
-def image_record(predictor: Predictor, image: sitk.Image, label: np.ndarray | None = None,
-                 structures: dict[int, str] | None = None) -> dict:
+def image_record(
+    predictor: Predictor, image: sitk.Image, label: np.ndarray | None = None, structures: dict[int, str] | None = None
+) -> dict:
     """The record of one image; ``label`` holds bundle output values on the input grid (or None)."""
     t0 = time.perf_counter()
     layers = all_layers(predictor)
@@ -54,14 +56,24 @@ def image_record(predictor: Predictor, image: sitk.Image, label: np.ndarray | No
     wanted = sorted(set(allowed) | set(structures or {}))
     evidence = structure_evidence(probs, canon, entropy, wanted, voxel_ml)
     t_evidence = time.perf_counter() - t
-    context_probs = torch.softmax(torch.as_tensor(result.context_logits, dtype=torch.float64), 0).numpy() \
-        if result.context_logits is not None else None
-    rec = {"signatures": {k: signature_from_grams(result.gram, [k]).tolist() for k in layers},
-           "energies": {k: np.log(np.maximum(np.diag(result.gram[k]), 1e-12)).tolist() for k in layers},
-           "context_probs": context_probs, "recognised": ctx, "shipped_score": shipped.score,
-           "shipped_is_ood": shipped.is_ood, "uncertainty": uncertainty_scores(probs),
-           "evidence": {str(v): e for v, e in evidence.items()}, "geometry": image_geometry(image),
-           "size": list(image.GetSize()), "spacing": list(image.GetSpacing())}
+    context_probs = (
+        torch.softmax(torch.as_tensor(result.context_logits, dtype=torch.float64), 0).numpy()
+        if result.context_logits is not None
+        else None
+    )
+    rec = {
+        "signatures": {k: signature_from_grams(result.gram, [k]).tolist() for k in layers},
+        "energies": {k: np.log(np.maximum(np.diag(result.gram[k]), 1e-12)).tolist() for k in layers},
+        "context_probs": context_probs,
+        "recognised": ctx,
+        "shipped_score": shipped.score,
+        "shipped_is_ood": shipped.is_ood,
+        "uncertainty": uncertainty_scores(probs),
+        "evidence": {str(v): e for v, e in evidence.items()},
+        "geometry": image_geometry(image),
+        "size": list(image.GetSize()),
+        "spacing": list(image.GetSpacing()),
+    }
     if label is not None:
         labels, _ = predictor.to_input_grid(probs, entropy, pre.grid, image)
         restrict_labels(labels, allowed)

@@ -5,6 +5,7 @@ Detector candidates differ only in the layers whose signatures they use (all per
 ``trust_fit.fit_detector``); the one shipped by `mtseg finalise` is ``DEFAULT_LAYERS``, chosen
 on the fit families and ood-dev (never on test cases; see docs/RESULTS.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,34 +22,49 @@ from .ood_baselines import SizeControlDetector
 from .trust_fit import case_dice, case_of, fit_detector, fit_quality, log_volume_stats, loo_scores, signature_rows
 from .trust_metrics import failure_table, ood_table, risk_coverage
 
-LAYER_SETS = {"enc3+enc4": ["enc3", "enc4"], "enc4": ["enc4"], "enc2-enc4": ["enc2", "enc3", "enc4"],
-              "enc0-enc4": ["enc0", "enc1", "enc2", "enc3", "enc4"], "enc0+enc1": ["enc0", "enc1"],
-              "all": None}  # None = every layer of the model
+LAYER_SETS = {
+    "enc3+enc4": ["enc3", "enc4"],
+    "enc4": ["enc4"],
+    "enc2-enc4": ["enc2", "enc3", "enc4"],
+    "enc0-enc4": ["enc0", "enc1", "enc2", "enc3", "enc4"],
+    "enc0+enc1": ["enc0", "enc1"],
+    "all": None,
+}  # None = every layer of the model
 DEFAULT_LAYERS = "enc3+enc4"
 FIT_FAMILIES = ("fit", "fit_shift")
-PER_CONTEXT_SCORES = ("spectral:enc3+enc4 (shipped)", f"spectral-ctx:{DEFAULT_LAYERS}", "entropy_in_structures",
-                      "1-expected_dice")
+PER_CONTEXT_SCORES = (
+    "spectral:enc3+enc4 (shipped)",
+    f"spectral-ctx:{DEFAULT_LAYERS}",
+    "entropy_in_structures",
+    "1-expected_dice",
+)
 
 
 def _layers(name: str, records: Sequence[dict]) -> list[str]:
     return LAYER_SETS[name] or list(records[0]["signatures"])
 
 
-def record_signals(rec: dict, ood_score: float, threshold: float, quality, context_labels: list[list[int]],
-                   names: dict[int, str]) -> dict[str, float]:
+def record_signals(
+    rec: dict, ood_score: float, threshold: float, quality, context_labels: list[list[int]], names: dict[int, str]
+) -> dict[str, float]:
     """Single signals (higher = less trustworthy) and the quality model's case estimate."""
     allowed = [str(v) for v in context_labels[rec["recognised"]]]
     ev = [rec["evidence"][v] for v in allowed]
     conf = rec["context_probs"][rec["recognised"]] if rec.get("context_probs") is not None else 1.0
-    result = quality.assess({int(v): rec["evidence"][v] for v in allowed}, names, ood_score / threshold, conf,
-                            ood_score > threshold)
-    return {"1-soft_dice": 1 - float(np.mean([e["soft_dice"] for e in ev])),
-            "entropy_in_structures": float(np.mean([e["mean_entropy"] for e in ev])),
-            "volume_z": float(np.max([quality.volume_z(names[int(v)], e["volume_ml"]) for v, e in zip(allowed, ev)])),
-            "1-context_confidence": 1 - conf,
-            "entropy_foreground": rec["uncertainty"]["entropy_foreground"],
-            "entropy_whole": rec["uncertainty"]["entropy_whole"], "max_softmax": rec["uncertainty"]["max_softmax"],
-            "1-expected_dice": 1 - result.expected_dice, "flag": float(result.flag)}
+    result = quality.assess(
+        {int(v): rec["evidence"][v] for v in allowed}, names, ood_score / threshold, conf, ood_score > threshold
+    )
+    return {
+        "1-soft_dice": 1 - float(np.mean([e["soft_dice"] for e in ev])),
+        "entropy_in_structures": float(np.mean([e["mean_entropy"] for e in ev])),
+        "volume_z": float(np.max([quality.volume_z(names[int(v)], e["volume_ml"]) for v, e in zip(allowed, ev)])),
+        "1-context_confidence": 1 - conf,
+        "entropy_foreground": rec["uncertainty"]["entropy_foreground"],
+        "entropy_whole": rec["uncertainty"]["entropy_whole"],
+        "max_softmax": rec["uncertainty"]["max_softmax"],
+        "1-expected_dice": 1 - result.expected_dice,
+        "flag": float(result.flag),
+    }
 
 
 def _selection(detectors: dict, fit: list, fit_shift: list, rest: list, fam: np.ndarray, clean: dict) -> dict:
@@ -74,22 +90,34 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     rest = [r for r in records if r["family"] not in FIT_FAMILIES]
     fam = np.asarray([r["family"] for r in rest])
     clean = {(r["dataset"], case_of(r)): case_dice(r) for r in records if r["family"] in ("id", "fit")}
-    drop = np.asarray([(clean.get((r["dataset"], case_of(r))) or np.nan) - (case_dice(r) or 0.0)
-                       if r["family"] == "shift" else np.nan for r in rest])
+    drop = np.asarray(
+        [
+            (clean.get((r["dataset"], case_of(r))) or np.nan) - (case_dice(r) or 0.0)
+            if r["family"] == "shift"
+            else np.nan
+            for r in rest
+        ]
+    )
 
     scores: dict[str, np.ndarray] = {"spectral:enc3+enc4 (shipped)": np.asarray([r["shipped_score"] for r in rest])}
     detectors = {}
     for name in LAYER_SETS:
         det, loo = fit_detector(fit, _layers(name, records), bundle.context_names)
         detectors[name] = (det, loo)
-        scores[f"spectral-ctx:{name}"] = np.asarray([det.nearest(s)[0] for s in
-                                                     signature_rows(rest, det.layers)])
+        scores[f"spectral-ctx:{name}"] = np.asarray([det.nearest(s)[0] for s in signature_rows(rest, det.layers)])
     tables_selection = _selection(detectors, fit, fit_shift, rest, fam, clean)
     det, loo_fit = detectors[DEFAULT_LAYERS]
     loo_shift = loo_scores(det, fit_shift)
     volume = log_volume_stats(fit, names)
-    quality = fit_quality(fit + fit_shift, np.concatenate([loo_fit, loo_shift]), det.threshold, volume, names,
-                          context_labels, fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants")
+    quality = fit_quality(
+        fit + fit_shift,
+        np.concatenate([loo_fit, loo_shift]),
+        det.threshold,
+        volume,
+        names,
+        context_labels,
+        fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
+    )
     main = scores[f"spectral-ctx:{DEFAULT_LAYERS}"]
     signals = [record_signals(r, s, det.threshold, quality, context_labels, names) for r, s in zip(rest, main)]
     for k in signals[0]:
@@ -98,34 +126,55 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     scores["size_control"] = np.asarray([size.score(np.asarray(r["geometry"])) for r in rest])
 
     negative = fam == "id"
-    groups = {"far": fam == "ood_far", "near": fam == "ood_near", "far+near": np.isin(fam, ["ood_far", "ood_near"]),
-              "near (tcgalgg T1/T2 only)": np.asarray([r["key"].startswith("ood_near/tcgalgg") for r in rest]),
-              "shift (all)": fam == "shift", "shift (Dice drop > 0.1)": (fam == "shift") & (drop > 0.1)}
+    groups = {
+        "far": fam == "ood_far",
+        "near": fam == "ood_near",
+        "far+near": np.isin(fam, ["ood_far", "ood_near"]),
+        "near (tcgalgg T1/T2 only)": np.asarray([r["key"].startswith("ood_near/tcgalgg") for r in rest]),
+        "shift (all)": fam == "shift",
+        "shift (Dice drop > 0.1)": (fam == "shift") & (drop > 0.1),
+    }
     ood_scores = {k: v for k, v in scores.items() if k != "flag"}
-    tables = {"families": {f: int((fam == f).sum()) for f in sorted(set(fam))} | {"fit": len(fit),
-                                                                                 "fit_shift": len(fit_shift)},
-              "detector": {"layers": det.layers, "threshold": det.threshold, "context_scale": det.context_scale,
-                           "rule": "per-context kNN, conformal 95 % of leave-one-case-out fit scores"},
-              "quality_model": quality.to_dict(), "layer_selection": tables_selection,
-              "ood_vs_test": ood_table(ood_scores, negative, groups),
-              "ood_vs_test_and_unseen": ood_table(ood_scores, np.isin(fam, ["id", "id_unseen"]), groups)}
+    tables = {
+        "families": {f: int((fam == f).sum()) for f in sorted(set(fam))}
+        | {"fit": len(fit), "fit_shift": len(fit_shift)},
+        "detector": {
+            "layers": det.layers,
+            "threshold": det.threshold,
+            "context_scale": det.context_scale,
+            "rule": "per-context kNN, conformal 95 % of leave-one-case-out fit scores",
+        },
+        "quality_model": quality.to_dict(),
+        "layer_selection": tables_selection,
+        "ood_vs_test": ood_table(ood_scores, negative, groups),
+        "ood_vs_test_and_unseen": ood_table(ood_scores, np.isin(fam, ["id", "id_unseen"]), groups),
+    }
     flagged = main > det.threshold
     tables["false_alarms"] = {}
     for f in ("id", "id_unseen"):
         for ctx in sorted({r["dataset"] for r, ff in zip(rest, fam) if ff == f}):
             m = (fam == f) & np.asarray([r["dataset"] == ctx for r in rest])
             tables["false_alarms"].setdefault(f, {})[ctx] = {
-                "n": int(m.sum()), "ood_flag": float(flagged[m].mean()), "quality_flag": float(scores["flag"][m].mean()),
-                "shipped_flag": float(np.mean([rest[i]["shipped_is_ood"] for i in np.flatnonzero(m)]))}
-    tables["flagged"] = {f: {"n": int((fam == f).sum()), "ood_flag": float(flagged[fam == f].mean()),
-                             "quality_flag": float(scores["flag"][fam == f].mean())}
-                         for f in sorted(set(fam))}
+                "n": int(m.sum()),
+                "ood_flag": float(flagged[m].mean()),
+                "quality_flag": float(scores["flag"][m].mean()),
+                "shipped_flag": float(np.mean([rest[i]["shipped_is_ood"] for i in np.flatnonzero(m)])),
+            }
+    tables["flagged"] = {
+        f: {
+            "n": int((fam == f).sum()),
+            "ood_flag": float(flagged[fam == f].mean()),
+            "quality_flag": float(scores["flag"][fam == f].mean()),
+        }
+        for f in sorted(set(fam))
+    }
     tables["shift_by_context"] = {}
     ds = np.asarray([r["dataset"] or "" for r in rest])
     for ctx in sorted(set(ds[fam == "shift"])):
         pos, neg = (fam == "shift") & (ds == ctx) & (drop > 0.1), (fam == "id") & (ds == ctx)
-        tables["shift_by_context"][ctx] = ood_table({k: scores[k] for k in PER_CONTEXT_SCORES}, neg,
-                                                    {"shift (Dice drop > 0.1)": pos})["shift (Dice drop > 0.1)"]
+        tables["shift_by_context"][ctx] = ood_table(
+            {k: scores[k] for k in PER_CONTEXT_SCORES}, neg, {"shift (Dice drop > 0.1)": pos}
+        )["shift (Dice drop > 0.1)"]
     tables["shift_by_kind"] = {}
     for i in np.flatnonzero(fam == "shift"):
         kind = f"{rest[i]['corruption'][0]}{rest[i]['corruption'][1]}"
@@ -140,23 +189,40 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     dice = np.asarray([case_dice(r) if case_dice(r) is not None else np.nan for r in rest])
     fail_signals = {k: v[labelled] for k, v in scores.items() if k != "flag"}
     tables["failure"] = failure_table(fail_signals, dice[labelled])
-    tables["quality_calibration"] = {"mae_expected_dice": float(np.abs((1 - scores["1-expected_dice"][labelled])
-                                                                       - dice[labelled]).mean())}
-    tables["cases"] = [{"key": r["key"], "family": r["family"], "dice": case_dice(r), "dice_drop": d,
-                        "ood_score": s, "expected_dice": 1 - e, "flag": bool(f), "shipped_score": r["shipped_score"]}
-                       for r, d, s, e, f in zip(rest, drop, main, scores["1-expected_dice"], scores["flag"])]
+    tables["quality_calibration"] = {
+        "mae_expected_dice": float(np.abs((1 - scores["1-expected_dice"][labelled]) - dice[labelled]).mean())
+    }
+    tables["cases"] = [
+        {
+            "key": r["key"],
+            "family": r["family"],
+            "dice": case_dice(r),
+            "dice_drop": d,
+            "ood_score": s,
+            "expected_dice": 1 - e,
+            "flag": bool(f),
+            "shipped_score": r["shipped_score"],
+        }
+        for r, d, s, e, f in zip(rest, drop, main, scores["1-expected_dice"], scores["flag"])
+    ]
     curves = {"scores": scores, "negative": negative, "groups": groups, "labelled": labelled, "dice": dice}
     return tables, curves
 
 
 def _plots(curves: dict, out: Path) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    shown = ["spectral:enc3+enc4 (shipped)", f"spectral-ctx:{DEFAULT_LAYERS}", "entropy_foreground",
-             "1-expected_dice", "size_control"]
+    shown = [
+        "spectral:enc3+enc4 (shipped)",
+        f"spectral-ctx:{DEFAULT_LAYERS}",
+        "entropy_foreground",
+        "1-expected_dice",
+        "size_control",
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, g in zip(axes, ("far", "near", "shift (Dice drop > 0.1)")):
         pos = curves["groups"][g]
@@ -181,8 +247,11 @@ def _plots(curves: dict, out: Path) -> list[str]:
     cov, r = risk_coverage(risk, risk)
     ax.plot(cov, r, "k--", label="oracle")
     ax.axhline(risk.mean(), color="grey", ls=":", label="random")
-    ax.set(xlabel="coverage", ylabel="risk (1 − Dice) of the covered cases",
-           title="risk–coverage: test + unseen + corrupted test cases")
+    ax.set(
+        xlabel="coverage",
+        ylabel="risk (1 − Dice) of the covered cases",
+        title="risk–coverage: test + unseen + corrupted test cases",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "trust_risk_coverage.png", dpi=110)
@@ -206,47 +275,88 @@ def _f(v, nd: int = 3) -> str:
 
 def markdown(t: dict) -> str:
     """The tables of trust.json as Markdown (docs/RESULTS.md, *Trust*)."""
-    lines = ["Families: " + ", ".join(f"{k} {v}" for k, v in t["families"].items()), "",
-             "Layer choice without test cases (AUROC: leave-one-case-out fit scores vs ood-dev / vs corrupted fit "
-             "cases with Dice drop > 0.1):", "", "| layers | ood-dev | corrupted fit cases |", "|---|---|---|"]
+    lines = [
+        "Families: " + ", ".join(f"{k} {v}" for k, v in t["families"].items()),
+        "",
+        "Layer choice without test cases (AUROC: leave-one-case-out fit scores vs ood-dev / vs corrupted fit "
+        "cases with Dice drop > 0.1):",
+        "",
+        "| layers | ood-dev | corrupted fit cases |",
+        "|---|---|---|",
+    ]
     for name, v in t["layer_selection"].items():
-        lines.append(f"| {name} | {_f(v['ood_dev']['auroc'])} | {_f(v['corrupted_fit_cases']['auroc'])} "
-                     f"({v['corrupted_fit_cases']['n_ood']}) |")
+        lines.append(
+            f"| {name} | {_f(v['ood_dev']['auroc'])} | {_f(v['corrupted_fit_cases']['auroc'])} "
+            f"({v['corrupted_fit_cases']['n_ood']}) |"
+        )
     lines.append("")
     for title, key in (("vs the test split", "ood_vs_test"), ("vs test + unseen cases", "ood_vs_test_and_unseen")):
         groups = list(t[key])
-        lines += [f"OOD detection {title} (AUROC / FPR at 95 % TPR; n positive in brackets):", "",
-                  "| score | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+        lines += [
+            f"OOD detection {title} (AUROC / FPR at 95 % TPR; n positive in brackets):",
+            "",
+            "| score | " + " | ".join(groups) + " |",
+            "|---" * (len(groups) + 1) + "|",
+        ]
         for name in t[key][groups[0]]:
-            cells = [f"{_f(t[key][g][name]['auroc'])} / {_f(t[key][g][name]['fpr_at_95_tpr'], 2)} "
-                     f"({t[key][g][name]['n_ood']})" for g in groups]
+            cells = [
+                f"{_f(t[key][g][name]['auroc'])} / {_f(t[key][g][name]['fpr_at_95_tpr'], 2)} "
+                f"({t[key][g][name]['n_ood']})"
+                for g in groups
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["False alarms (share of in-distribution cases flagged):", "",
-              "| family | context | n | new detector | quality flag | shipped detector |", "|---|---|---|---|---|---|"]
+    lines += [
+        "False alarms (share of in-distribution cases flagged):",
+        "",
+        "| family | context | n | new detector | quality flag | shipped detector |",
+        "|---|---|---|---|---|---|",
+    ]
     for fam, per in t["false_alarms"].items():
         for ctx, v in per.items():
-            lines.append(f"| {fam} | {ctx} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} | "
-                         f"{_f(v['shipped_flag'], 2)} |")
-    lines += ["", "Share flagged per family (new detector / quality flag):", "",
-              "| family | n | OOD flag | quality flag |", "|---|---|---|---|"]
+            lines.append(
+                f"| {fam} | {ctx} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} | "
+                f"{_f(v['shipped_flag'], 2)} |"
+            )
+    lines += [
+        "",
+        "Share flagged per family (new detector / quality flag):",
+        "",
+        "| family | n | OOD flag | quality flag |",
+        "|---|---|---|---|",
+    ]
     for fam, v in t["flagged"].items():
         lines.append(f"| {fam} | {v['n']} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} |")
-    lines += ["", "Shift per context (AUROC, the context's corrupted test cases with Dice drop > 0.1 vs its test cases; "
-                  "n positive / negative):", "", "| context | " + " | ".join(PER_CONTEXT_SCORES) + " |",
-              "|---" * (len(PER_CONTEXT_SCORES) + 1) + "|"]
+    lines += [
+        "",
+        "Shift per context (AUROC, the context's corrupted test cases with Dice drop > 0.1 vs its test cases; "
+        "n positive / negative):",
+        "",
+        "| context | " + " | ".join(PER_CONTEXT_SCORES) + " |",
+        "|---" * (len(PER_CONTEXT_SCORES) + 1) + "|",
+    ]
     for ctx, v in t["shift_by_context"].items():
         cells = [f"{_f(v[k]['auroc'])} ({v[k]['n_ood']}/{v[k]['n_in_distribution']})" for k in PER_CONTEXT_SCORES]
         lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
-    lines += ["", "Artefacts (mean over corrupted test cases):", "",
-              "| artefact | Dice drop | OOD flag | quality flag |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Artefacts (mean over corrupted test cases):",
+        "",
+        "| artefact | Dice drop | OOD flag | quality flag |",
+        "|---|---|---|---|",
+    ]
     for kind, v in sorted(t["shift_by_kind"].items()):
         lines.append(f"| {kind} | {_f(v['dice_drop'])} | {_f(v['ood_flag'], 2)} | {_f(v['quality_flag'], 2)} |")
     f = t["failure"]
-    lines += ["", f"Failure detection over test + unseen + corrupted test cases ({f['n_cases']} cases, "
-                  f"{f['n_failures']} with Dice < 0.5; AURC oracle {_f(f['aurc_oracle'])}, random "
-                  f"{_f(f['aurc_random'])}; expected-Dice MAE {_f(t['quality_calibration']['mae_expected_dice'])}):",
-              "", "| signal | AURC | failure AUROC | FPR at 95 % TPR |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Failure detection over test + unseen + corrupted test cases ({f['n_cases']} cases, "
+        f"{f['n_failures']} with Dice < 0.5; AURC oracle {_f(f['aurc_oracle'])}, random "
+        f"{_f(f['aurc_random'])}; expected-Dice MAE {_f(t['quality_calibration']['mae_expected_dice'])}):",
+        "",
+        "| signal | AURC | failure AUROC | FPR at 95 % TPR |",
+        "|---|---|---|---|",
+    ]
     for name, v in sorted(f["signals"].items(), key=lambda kv: kv[1]["aurc"]):
         lines.append(f"| {name} | {_f(v['aurc'])} | {_f(v['failure_auroc'])} | {_f(v['failure_fpr_at_95_tpr'], 2)} |")
     return "\n".join(lines) + "\n"

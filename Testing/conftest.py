@@ -13,10 +13,12 @@ sys.path.insert(0, str(ROOT / "MultiTaskSeg"))
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(),
     reason="../shared/data (the development datasets) is not present beside this clone; "
-           "these tests run in CI where it is")
+    "these tests run in CI where it is",
+)
 
 
 @pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory):
     from bundle_factory import make_untrained_bundle
+
     return make_untrained_bundle(tmp_path_factory.mktemp("bundle") / "untrained")

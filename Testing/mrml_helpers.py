@@ -1,4 +1,5 @@
 """Reading MRML results back for comparisons (slicer-core's real classes)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ def exported_labels(scene, segmentation_node, reference_node) -> np.ndarray:
     for segment_id in ids:
         id_array.InsertNextValue(segment_id)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
-    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, id_array, labelmap,
-                                                                                reference_node)
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, id_array, labelmap, reference_node
+    )
     assert ok
     assert np.allclose(adapter.node_ijk_to_ras(labelmap), adapter.node_ijk_to_ras(reference_node))
     image_data = labelmap.GetImageData()

@@ -19,6 +19,7 @@ Sizes are (x, y, z) in voxels and spacings (x, y, z) in mm, as SimpleITK reports
 arrays are (z, y, x) as ``sitk.GetArrayFromImage`` returns them. Every generator takes a
 ``seed`` and is deterministic.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,28 @@ import numpy as np
 import SimpleITK as sitk
 
 # Mean intensities of known structures. CT in HU; MR relative to soft tissue (= 1).
-CT_HU = {"liver": 60.0, "spleen": 45.0, "kidney": 150.0, "left kidney": 150.0, "right kidney": 150.0,
-         "pancreas": 35.0, "aorta": 200.0, "tumour": 20.0, "lesion": 20.0, "bladder": 10.0}
-MR_RELATIVE = {"left ventricle": 2.2, "myocardium": 0.6, "right ventricle": 2.0, "hippocampus": 1.4,
-               "anterior": 1.4, "posterior": 1.6, "prostate": 1.5, "tumour": 1.8}
+CT_HU = {
+    "liver": 60.0,
+    "spleen": 45.0,
+    "kidney": 150.0,
+    "left kidney": 150.0,
+    "right kidney": 150.0,
+    "pancreas": 35.0,
+    "aorta": 200.0,
+    "tumour": 20.0,
+    "lesion": 20.0,
+    "bladder": 10.0,
+}
+MR_RELATIVE = {
+    "left ventricle": 2.2,
+    "myocardium": 0.6,
+    "right ventricle": 2.0,
+    "hippocampus": 1.4,
+    "anterior": 1.4,
+    "posterior": 1.6,
+    "prostate": 1.5,
+    "tumour": 1.8,
+}
 CT_NOISE_HU = 15.0
 
 DEFAULT_LABELS = {"CT": ("liver", "spleen"), "MR": ("left ventricle", "myocardium")}
@@ -56,8 +75,12 @@ def oblique_lps_direction(angles_deg: Sequence[float] = (12.0, -8.0, 20.0)) -> n
     return rotation(angles_deg) @ flip
 
 
-def make_image(array_zyx: np.ndarray, spacing: Sequence[float] = (4.0, 4.0, 4.0),
-               origin: Sequence[float] | None = None, direction: np.ndarray | None = None) -> sitk.Image:
+def make_image(
+    array_zyx: np.ndarray,
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    origin: Sequence[float] | None = None,
+    direction: np.ndarray | None = None,
+) -> sitk.Image:
     """Image from a (z, y, x) array with the given geometry (origin defaults to centring it at 0)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_zyx))
     image.SetSpacing([float(s) for s in spacing])
@@ -71,8 +94,9 @@ def make_image(array_zyx: np.ndarray, spacing: Sequence[float] = (4.0, 4.0, 4.0)
     return image
 
 
-def physical_coordinates(size_xyz: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
-                         direction: np.ndarray) -> np.ndarray:
+def physical_coordinates(
+    size_xyz: Sequence[int], spacing: Sequence[float], origin: Sequence[float], direction: np.ndarray
+) -> np.ndarray:
     """Physical (x, y, z) coordinates of every voxel centre, shape (3, z, y, x)."""
     k, j, i = np.meshgrid(*(np.arange(n) for n in size_xyz[::-1]), indexing="ij")
     idx = np.stack([i, j, k]).reshape(3, -1).astype(float) * np.asarray(spacing, dtype=float)[:, None]
@@ -130,10 +154,15 @@ def _body(size, spacing, seed, direction, origin, width: float):
     return rng, d, o, pts, half, body_r, _ellipsoid(pts, (0, 0, 0), body_r)
 
 
-def ct_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-               labels: Sequence[str] = DEFAULT_LABELS["CT"], seed: int = 0,
-               direction: np.ndarray | None = None, origin: Sequence[float] | None = None,
-               noise_hu: float = CT_NOISE_HU) -> tuple[sitk.Image, sitk.Image]:
+def ct_phantom(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    labels: Sequence[str] = DEFAULT_LABELS["CT"],
+    seed: int = 0,
+    direction: np.ndarray | None = None,
+    origin: Sequence[float] | None = None,
+    noise_hu: float = CT_NOISE_HU,
+) -> tuple[sitk.Image, sitk.Image]:
     """CT-like abdomen: (int16 image in HU, uint8 label with values 1..len(labels))."""
     rng, d, o, pts, half, body_r, body = _body(size, spacing, seed, direction, origin, width=0.9)
     fat_inner = _ellipsoid(pts, (0, 0, 0), body_r * np.array([0.88, 0.85, 1.0]))
@@ -143,7 +172,9 @@ def ct_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4
     spine = _ellipsoid(pts, (0, -0.5 * body_r[1], 0), (0.12 * half[0], 0.12 * half[1], 10 * half[2]))
     hu[spine] = 400.0
     label = np.zeros(pts.shape[1:], np.uint8)
-    for value, (name, (centre, radii)) in enumerate(zip(labels, _structure_layout(len(labels), body_r[:2], half[2], rng)), 1):
+    for value, (name, (centre, radii)) in enumerate(
+        zip(labels, _structure_layout(len(labels), body_r[:2], half[2], rng)), 1
+    ):
         mask = _ellipsoid(pts, centre, radii) & fat_inner & ~spine
         hu[mask] = CT_HU.get(name, 40.0 + 25.0 * value)
         label[mask] = value
@@ -162,10 +193,17 @@ def bias_field(shape_zyx: Sequence[int], rng: np.random.Generator, strength: flo
     return 1.0 + strength * field
 
 
-def mr_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-               labels: Sequence[str] = DEFAULT_LABELS["MR"], seed: int = 0, scale: float = 800.0,
-               direction: np.ndarray | None = None, origin: Sequence[float] | None = None,
-               bias: float = 0.3, noise: float = 0.04) -> tuple[sitk.Image, sitk.Image]:
+def mr_phantom(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    labels: Sequence[str] = DEFAULT_LABELS["MR"],
+    seed: int = 0,
+    scale: float = 800.0,
+    direction: np.ndarray | None = None,
+    origin: Sequence[float] | None = None,
+    bias: float = 0.3,
+    noise: float = 0.04,
+) -> tuple[sitk.Image, sitk.Image]:
     """MR-like volume on an arbitrary scale: (float32 image ≥ 0, uint8 label).
 
     Soft tissue has mean intensity ``scale``; structures are brighter or darker by the
@@ -185,16 +223,23 @@ def mr_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4
     sigma = noise
     real = signal + rng.normal(0.0, sigma, signal.shape)
     imag = rng.normal(0.0, sigma, signal.shape)
-    magnitude = np.sqrt(real ** 2 + imag ** 2) * scale
+    magnitude = np.sqrt(real**2 + imag**2) * scale
     image = make_image(magnitude.astype(np.float32), spacing, o, d)
     return image, _like(label, image)
 
 
-def sphere_phantom(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-                   centre_mm: Sequence[float] = (18.0, -12.0, 8.0), radius_mm: float = 28.0,
-                   direction: np.ndarray | None = None, origin: Sequence[float] | None = None,
-                   inside: float = 1000.0, outside: float = 100.0, seed: int = 0,
-                   noise: float = 0.0) -> tuple[sitk.Image, sitk.Image]:
+def sphere_phantom(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    centre_mm: Sequence[float] = (18.0, -12.0, 8.0),
+    radius_mm: float = 28.0,
+    direction: np.ndarray | None = None,
+    origin: Sequence[float] | None = None,
+    inside: float = 1000.0,
+    outside: float = 100.0,
+    seed: int = 0,
+    noise: float = 0.0,
+) -> tuple[sitk.Image, sitk.Image]:
     """One bright sphere at a known physical position (off-centre, so flips show): (float32, uint8)."""
     rng = np.random.default_rng(seed)
     d, o = _geometry(size, spacing, direction, origin)
@@ -212,9 +257,15 @@ def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 
 # --- foreign volumes (out of distribution) --------------------------------------------------
-def checkerboard_volume(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-                        block: int = 4, low: float = -1000.0, high: float = 1000.0, seed: int = 0,
-                        noise: float = 10.0) -> sitk.Image:
+def checkerboard_volume(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    block: int = 4,
+    low: float = -1000.0,
+    high: float = 1000.0,
+    seed: int = 0,
+    noise: float = 10.0,
+) -> sitk.Image:
     """A 3D checkerboard of ``block``-voxel cubes alternating between ``low`` and ``high``."""
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(*(np.arange(n) // block for n in size[::-1]), indexing="ij")
@@ -222,15 +273,24 @@ def checkerboard_volume(size: Sequence[int] = (40, 40, 24), spacing: Sequence[fl
     return make_image(array.astype(np.float32), spacing)
 
 
-def noise_volume(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-                 mean: float = 0.0, std: float = 500.0, seed: int = 0) -> sitk.Image:
+def noise_volume(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    mean: float = 0.0,
+    std: float = 500.0,
+    seed: int = 0,
+) -> sitk.Image:
     """Pure white Gaussian noise."""
     rng = np.random.default_rng(seed)
     return make_image(rng.normal(mean, std, tuple(size[::-1])).astype(np.float32), spacing)
 
 
-def gradient_volume(size: Sequence[int] = (40, 40, 24), spacing: Sequence[float] = (4.0, 4.0, 4.0),
-                    low: float = 0.0, high: float = 1000.0) -> sitk.Image:
+def gradient_volume(
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    low: float = 0.0,
+    high: float = 1000.0,
+) -> sitk.Image:
     """A linear ramp along x: no structure at all."""
     z, y, x = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
     array = low + (high - low) * x / max(size[0] - 1, 1)
@@ -246,10 +306,20 @@ def write(image: sitk.Image, path: str | Path) -> Path:
     return path
 
 
-def make_msd_dataset(root: str | Path, name: str, modality: str = "CT", n_cases: int = 4,
-                     labels: Sequence[str] | None = None, *, size: Sequence[int] = (40, 40, 24),
-                     spacing: Sequence[float] = (4.0, 4.0, 4.0), seed: int = 0, oblique: bool = False,
-                     scale: float | None = None, description: str | None = None) -> Path:
+def make_msd_dataset(
+    root: str | Path,
+    name: str,
+    modality: str = "CT",
+    n_cases: int = 4,
+    labels: Sequence[str] | None = None,
+    *,
+    size: Sequence[int] = (40, 40, 24),
+    spacing: Sequence[float] = (4.0, 4.0, 4.0),
+    seed: int = 0,
+    oblique: bool = False,
+    scale: float | None = None,
+    description: str | None = None,
+) -> Path:
     """Write a Medical Segmentation Decathlon-style dataset of phantoms and return its folder.
 
     Layout: ``root/name/dataset.json``, ``root/name/imagesTr/<name>_NNN.nii.gz`` and
@@ -297,10 +367,19 @@ def make_msd_dataset(root: str | Path, name: str, modality: str = "CT", n_cases:
         write(image, folder / "imagesTr" / file)
         write(label, folder / "labelsTr" / file)
         training.append({"image": f"./imagesTr/{file}", "label": f"./labelsTr/{file}"})
-    meta = {"name": name, "description": description or f"synthetic {modality} phantoms for tests",
-            "reference": "Testing/phantoms.py", "licence": "CC0 (synthetic)", "tensorImageSize": "3D",
-            "modality": {"0": modality}, "labels": {"0": "background", **{str(v): n for v, n in enumerate(labels, 1)}},
-            "numTraining": n_cases, "numTest": 0, "training": training, "test": []}
+    meta = {
+        "name": name,
+        "description": description or f"synthetic {modality} phantoms for tests",
+        "reference": "Testing/phantoms.py",
+        "licence": "CC0 (synthetic)",
+        "tensorImageSize": "3D",
+        "modality": {"0": modality},
+        "labels": {"0": "background", **{str(v): n for v, n in enumerate(labels, 1)}},
+        "numTraining": n_cases,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return folder
 
@@ -316,12 +395,26 @@ def write_dicom_series(image: sitk.Image, folder: str | Path, modality: str = "C
     image = sitk.Cast(image, sitk.sitkInt16)
     direction = image.GetDirection()
     uid = "1.2.826.0.1.3680043.2.1125." + "".join(str(b % 10) for b in np.random.default_rng(0).integers(0, 10, 12))
-    series_tags = [("0008|0031", "120000"), ("0008|0021", "20240101"), ("0008|0008", "DERIVED\\SECONDARY"),
-                   ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"), ("0020|0010", "1"),
-                   ("0010|0010", "Phantom^Test"), ("0010|0020", "PHANTOM"), ("0008|0060", modality),
-                   ("0020|0037", "\\".join(f"{v:.9f}" for v in (direction[0], direction[3], direction[6],
-                                                                 direction[1], direction[4], direction[7]))),
-                   ("0008|103e", "MultiTaskSeg test phantom"), ("0028|1053", "1"), ("0028|1052", "0")]
+    series_tags = [
+        ("0008|0031", "120000"),
+        ("0008|0021", "20240101"),
+        ("0008|0008", "DERIVED\\SECONDARY"),
+        ("0020|000d", uid + ".1"),
+        ("0020|000e", uid + ".2"),
+        ("0020|0010", "1"),
+        ("0010|0010", "Phantom^Test"),
+        ("0010|0020", "PHANTOM"),
+        ("0008|0060", modality),
+        (
+            "0020|0037",
+            "\\".join(
+                f"{v:.9f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+            ),
+        ),
+        ("0008|103e", "MultiTaskSeg test phantom"),
+        ("0028|1053", "1"),
+        ("0028|1052", "0"),
+    ]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):

@@ -5,6 +5,7 @@ modules, ``slicer.ScriptedLoadableModule`` base classes, ``slicer.parameterNodeW
 and ``slicer.i18n`` (all of which need the Slicer application). The scene, the MRML nodes,
 the segmentation logic, the module's Logic class and the self-test body are the real ones.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,12 @@ def _scripted_loadable_module() -> types.ModuleType:
         def delayDisplay(self, message, msec=None):
             print(message)
 
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
+    for cls in (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+    ):
         setattr(module, cls.__name__, cls)
     return module
 
@@ -72,10 +77,14 @@ def import_shell(monkeypatch, scene) -> types.ModuleType:
     interpreter instead of looking for the PythonSlicer launcher.
     """
     import slicer
-    for name, module in (("qt", _gui_module("qt")), ("ctk", _gui_module("ctk")),
-                         ("slicer.ScriptedLoadableModule", _scripted_loadable_module()),
-                         ("slicer.parameterNodeWrapper", _parameter_node_wrapper()),
-                         ("slicer.i18n", _i18n())):
+
+    for name, module in (
+        ("qt", _gui_module("qt")),
+        ("ctk", _gui_module("ctk")),
+        ("slicer.ScriptedLoadableModule", _scripted_loadable_module()),
+        ("slicer.parameterNodeWrapper", _parameter_node_wrapper()),
+        ("slicer.i18n", _i18n()),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     for name in [n for n in sys.modules if n.split(".")[0] == "MultiTaskSegShell"]:
         monkeypatch.delitem(sys.modules, name)  # re-import the Logic over these stand-ins

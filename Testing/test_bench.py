@@ -1,13 +1,16 @@
 """Smoke test of `mtseg bench`: the whole code path on a tiny volume, one repeat; checks the report's
 structure only (timings are never asserted)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-pytest.importorskip("monai", reason="MONAI is a benchmark-only extra (pip install 'multitaskseg[bench]'); "
-                    "`mtseg bench` compares against it")
+pytest.importorskip(
+    "monai",
+    reason="MONAI is a benchmark-only extra (pip install 'multitaskseg[bench]'); `mtseg bench` compares against it",
+)
 pytest.importorskip("psutil", reason="psutil is a benchmark-only extra (pip install 'multitaskseg[bench]')")
 
 
@@ -15,9 +18,25 @@ def test_bench_smoke(tmp_path, untrained_bundle):
     from MultiTaskSegTraining.cli import build_parser
 
     out = tmp_path / "BENCH.md"
-    args = build_parser().parse_args(["bench", "--bundle", str(untrained_bundle.path), "--sizes", "40x40x24@4:ct",
-                                      "--repeats", "1", "--real-cases", "0", "--train-steps", "1",
-                                      "--output", str(out), "--work-dir", str(tmp_path / "work")])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--bundle",
+            str(untrained_bundle.path),
+            "--sizes",
+            "40x40x24@4:ct",
+            "--repeats",
+            "1",
+            "--real-cases",
+            "0",
+            "--train-steps",
+            "1",
+            "--output",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+    )
     assert args.run(args) == 0
     report = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert set(report) >= {"machine", "cases", "training", "targets", "command"}
@@ -26,8 +45,19 @@ def test_bench_smoke(tmp_path, untrained_bundle):
     for case in report["cases"]:
         assert "error" not in case, case.get("error")
         stages = case["stages_median_s"]
-        assert {"load", "preprocess", "inference", "ood_gram", "ood", "uncertainty", "resample",
-                "resample_uncertainty", "write_seg", "write_uncertainty", "total"} <= set(stages)
+        assert {
+            "load",
+            "preprocess",
+            "inference",
+            "ood_gram",
+            "ood",
+            "uncertainty",
+            "resample",
+            "resample_uncertainty",
+            "write_seg",
+            "write_uncertainty",
+            "total",
+        } <= set(stages)
         assert case["peak_rss_mb"] > 0 and case["n_windows"] >= 1
         assert case["sw_ours_s"] > 0 and case["sw_monai_s"] > 0
         assert 0.0 <= case["uncertainty_ood_share"] <= 1.0

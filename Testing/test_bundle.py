@@ -1,4 +1,5 @@
 """The model bundle: round trip, and refusal of anything corrupt, unknown or missing."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ def test_round_trip(untrained_bundle, tmp_path):
     assert b.context_names == ["AbdomenPhantomCT", "HeartPhantomMR"]
     assert b.window.patch_size == (32, 32, 32) and b.preprocessing.target_spacing == (4.0, 4.0, 4.0)
     # saving what was loaded gives identical weights and signatures
-    again = save_bundle(tmp_path / "again", {k: v for k, v in b.meta.items() if k not in ("files",)},
-                        model.state_dict(), det.signatures, det.context_index, list(det.case_ids))
+    again = save_bundle(
+        tmp_path / "again",
+        {k: v for k, v in b.meta.items() if k not in ("files",)},
+        model.state_dict(),
+        det.signatures,
+        det.context_index,
+        list(det.case_ids),
+    )
     m2 = again.load_model("cpu")
     for (k, v), (k2, v2) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -102,6 +109,7 @@ def test_missing_hash_or_section_is_refused(bundle_copy):
 
 def test_weights_of_the_wrong_architecture_are_refused_clearly(bundle_copy):
     from safetensors.torch import save_file
+
     save_file({"bogus": torch.zeros(3)}, str(bundle_copy / "model.safetensors"))
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     meta["files"]["model.safetensors"] = sha256_file(bundle_copy / "model.safetensors")
@@ -137,6 +145,7 @@ def test_schema_keeps_unknown_keys_and_refuses_a_malformed_block(bundle_copy):
 
 def test_atomic_write_replaces_on_success_and_leaves_the_old_file_on_failure(tmp_path):
     from MultiTaskSegLib.atomic import atomic_path, write_text_atomic
+
     target = tmp_path / "out.json"
     write_text_atomic(target, "old")
     with pytest.raises(RuntimeError):

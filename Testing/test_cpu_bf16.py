@@ -1,4 +1,5 @@
 """The opt-in CPU bf16 path (`mtseg predict --cpu-bf16`): off by default, close to full precision when on."""
+
 from __future__ import annotations
 
 import contextlib

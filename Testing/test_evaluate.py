@@ -1,4 +1,5 @@
 """mtseg evaluate: hand-computed metrics on constructed cases, and an end-to-end run on phantoms."""
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from phantoms import make_msd_dataset, noise_volume, write
 from train_helpers import phantom_datasets, tiny_config
 
 # --- constructed cases -------------------------------------------------------------------------
+
 
 def test_dice_hand_computed():
     gt = np.zeros((10, 10, 10), bool)
@@ -125,6 +127,7 @@ def test_summaries_are_json_clean():
 
 # --- end to end on phantoms ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -147,9 +150,26 @@ def trained(tmp_path_factory):
 def test_evaluate_end_to_end(trained):
     root, data, bundle, ood = trained
     out = root / "evaluation"
-    argv = ["evaluate", "--bundle", str(bundle), "--data", *map(str, data), "--ood", *map(str, ood),
-            "--output-dir", str(out), "--mc-dropout", "1", "--mc-dropout-cases", "1", "--max-train-cases", "2",
-            "--cache-dir", str(root / "cache"), "-q"]
+    argv = [
+        "evaluate",
+        "--bundle",
+        str(bundle),
+        "--data",
+        *map(str, data),
+        "--ood",
+        *map(str, ood),
+        "--output-dir",
+        str(out),
+        "--mc-dropout",
+        "1",
+        "--mc-dropout-cases",
+        "1",
+        "--max-train-cases",
+        "2",
+        "--cache-dir",
+        str(root / "cache"),
+        "-q",
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert "NaN" not in (out / "metrics.json").read_text(encoding="utf-8")
@@ -159,8 +179,10 @@ def test_evaluate_end_to_end(trained):
     for name, ctx in metrics["contexts"].items():
         test_ids = meta["training"]["split"][name]["test"]
         assert ctx["n_cases"] == len(test_ids) and ctx["case_ids"] == test_ids
-        assert set(ctx["structures"]) == {"AbdomenPhantomCT": {"liver", "spleen"},
-                                          "HeartPhantomMR": {"left ventricle", "myocardium"}}[name]
+        assert (
+            set(ctx["structures"])
+            == {"AbdomenPhantomCT": {"liver", "spleen"}, "HeartPhantomMR": {"left ventricle", "myocardium"}}[name]
+        )
         for s in ctx["structures"].values():
             assert set(s["dice"]) >= {"mean", "std", "median", "cases"}
             assert set(s["dice"]["cases"]) == set(test_ids)
@@ -179,8 +201,16 @@ def test_evaluate_end_to_end(trained):
     detectors = metrics["ood"]["detectors"]
     layers = meta["ood"]["layers"]
     kind = "spectral-ctx" if meta["ood"].get("context_scale") else "spectral"  # training ends with the trust fit
-    expected = {f"{kind}:{'+'.join(layers)}", *(f"spectral:{l}" for l in layers), "entropy_whole",
-                "entropy_foreground", "max_softmax", "mc_dropout_entropy", "mahalanobis", "size_control"}
+    expected = {
+        f"{kind}:{'+'.join(layers)}",
+        *(f"spectral:{l}" for l in layers),
+        "entropy_whole",
+        "entropy_foreground",
+        "max_softmax",
+        "mc_dropout_entropy",
+        "mahalanobis",
+        "size_control",
+    }
     assert set(detectors) == expected
     for d in detectors.values():
         assert d["auroc"] is None or 0.0 <= d["auroc"] <= 1.0
@@ -197,11 +227,16 @@ def test_evaluate_end_to_end(trained):
     assert metrics["plots"]
     for name in metrics["plots"]:
         assert (out / name).stat().st_size > 1000
-    assert {"signatures_pca.png", "ood_roc.png", "reliability_AbdomenPhantomCT.png",
-            "reliability_HeartPhantomMR.png"} <= set(metrics["plots"])
+    assert {
+        "signatures_pca.png",
+        "ood_roc.png",
+        "reliability_AbdomenPhantomCT.png",
+        "reliability_HeartPhantomMR.png",
+    } <= set(metrics["plots"])
     # the single-layer training signatures are the slices of the concatenated ones
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.ood import signature_from_grams
+
     grams = {"enc2": np.eye(16), "dec0": np.diag(np.arange(1.0, 5.0))}
     both = signature_from_grams(grams, layers)
     np.testing.assert_allclose(both[:16], signature_from_grams(grams, ["enc2"]))
@@ -213,8 +248,19 @@ def test_evaluate_end_to_end(trained):
 def test_evaluate_refuses_a_dataset_the_bundle_does_not_know(trained, tmp_path, capsys):
     root, data, bundle, _ = trained
     other = make_msd_dataset(tmp_path, "ProstatePhantomMR", "MR", n_cases=2, labels=("prostate",))
-    code = main(["evaluate", "--bundle", str(bundle), "--data", str(data[0]), str(other),
-                 "--output-dir", str(tmp_path / "out"), "-q"])
+    code = main(
+        [
+            "evaluate",
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data[0]),
+            str(other),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "-q",
+        ]
+    )
     assert code != 0
     err = capsys.readouterr().err
     assert "ProstatePhantomMR" in err and "not one this bundle was trained on" in err

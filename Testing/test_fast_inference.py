@@ -1,5 +1,6 @@
 """The CPU inference kernels (fast_inference.py) against the training layers, constant-window
 reuse against recomputing every window, and MONAI's window placement."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,9 +103,19 @@ def test_no_reuse_while_dropout_is_stochastic():
     assert result.n_reused == 0
 
 
-@pytest.mark.parametrize("size,patch,overlap,expected", [
-    (64, 64, 0.25, [0]), (40, 64, 0.25, [0]), (100, 64, 0.25, [0, 36]), (160, 64, 0.25, [0, 48, 96]),
-    (112, 64, 0.25, [0, 48]), (65, 64, 0.5, [0, 1]), (96, 64, 0.5, [0, 32]), (10, 4, 0.9, list(range(7)))])
+@pytest.mark.parametrize(
+    "size,patch,overlap,expected",
+    [
+        (64, 64, 0.25, [0]),
+        (40, 64, 0.25, [0]),
+        (100, 64, 0.25, [0, 36]),
+        (160, 64, 0.25, [0, 48, 96]),
+        (112, 64, 0.25, [0, 48]),
+        (65, 64, 0.5, [0, 1]),
+        (96, 64, 0.5, [0, 32]),
+        (10, 4, 0.9, list(range(7))),
+    ],
+)
 def test_window_starts_follow_monai(size, patch, overlap, expected):
     """MONAI's dense_patch_slices: interval ⌊patch·(1 − overlap)⌋ (at least 1), last window clamped."""
     assert window_starts(size, patch, overlap) == expected
@@ -124,6 +135,7 @@ def test_window_starts_equal_monais_recorded_placements():
 def test_recorded_placements_are_monais_where_installed():
     data_utils = pytest.importorskip("monai.data.utils", reason="MONAI is the optional bench extra")
     from monai.inferers.utils import _get_scan_interval
+
     for key, recorded in MONAI_STARTS["starts"].items():
         size, overlap = int(key.split("@")[0]), float(key.split("@")[1])
         interval = _get_scan_interval((size,), (64,), 1, (overlap,))

@@ -1,5 +1,6 @@
 """Qt-free parts of the Slicer module: OOD gauge geometry and the worker's device fallback
 (the worker as a child process: test_worker_process.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,16 @@ from MultiTaskSegLib.worker import predict_with_fallback, resolve_device
 
 
 # --- gauge ---------------------------------------------------------------------------
-@pytest.mark.parametrize("score,state", [(0.1, IN_DISTRIBUTION), (0.45, BORDERLINE), (0.5, BORDERLINE),
-                                         (0.51, OUT_OF_DISTRIBUTION), (3.0, OUT_OF_DISTRIBUTION)])
+@pytest.mark.parametrize(
+    "score,state",
+    [
+        (0.1, IN_DISTRIBUTION),
+        (0.45, BORDERLINE),
+        (0.5, BORDERLINE),
+        (0.51, OUT_OF_DISTRIBUTION),
+        (3.0, OUT_OF_DISTRIBUTION),
+    ],
+)
 def test_gauge_state_and_geometry(score, state):
     g = gauge_layout(score, 0.5, "HeartMR (MR, heart)")
     assert g.state == state
@@ -40,6 +49,7 @@ def test_gauge_state_and_geometry(score, state):
 def test_gauge_and_detector_flag_by_one_rule(score):
     """At the threshold itself both say 'not flagged' (the detector's strict rule, ood.exceeds)."""
     from MultiTaskSegLib.ood import SpectralDetector
+
     det = SpectralDetector(np.zeros((1, 1)), np.zeros(1, int), np.asarray(["a"]), ["A"], ["enc0"], None, 0.5)
     flagged = det.score(np.asarray([score])).is_ood
     assert flagged == (gauge_layout(score, 0.5).state == OUT_OF_DISTRIBUTION)
@@ -47,6 +57,7 @@ def test_gauge_and_detector_flag_by_one_rule(score):
 
 def test_trust_verdict_words():
     from MultiTaskSegLib.ood_gauge import trust_verdict
+
     assert trust_verdict(False, 0.62, True) == "expected Dice 0.62 — review before use"
     assert trust_verdict(False, 0.91, False) == "expected Dice 0.91 — no warning"
     assert trust_verdict(True, 0.3, True) == "out of distribution, expected Dice 0.30 — review before use"
@@ -114,6 +125,7 @@ def test_other_errors_are_not_swallowed(monkeypatch):
 
 def test_gauge_without_a_threshold_shows_the_score_unflagged():
     from MultiTaskSegLib.ood_gauge import UNKNOWN, gauge_layout
+
     layout = gauge_layout(0.3, float("inf"), "BrainMR")
     assert layout.state == UNKNOWN and "no OOD threshold" in layout.score_text
     assert layout.context_text == "resembles: BrainMR"
@@ -132,8 +144,9 @@ def test_fallback_keeps_every_option(monkeypatch):
             seen.append(options)
             return "prediction"
 
-    options = PredictOptions(device="auto", tta=True, mc_dropout=2, modality="MR", restrict_to_context=False,
-                             cpu_bf16=True)
+    options = PredictOptions(
+        device="auto", tta=True, mc_dropout=2, modality="MR", restrict_to_context=False, cpu_bf16=True
+    )
     predict_with_fallback(Recorder, None, options)
     assert seen[0] == PredictOptions("cpu", True, 2, "MR", False, cpu_bf16=True)
     assert options.device == "auto"  # the caller's options are not changed

@@ -1,5 +1,6 @@
 """The MRML adapter with the real Slicer core libraries (slicer-core from PyPI): a real scene,
 real volume / segmentation / storage nodes and Slicer's segmentation logic."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ CPU = PredictOptions(device="cpu")
 
 def segment(scene, node, predictor, progress=None, **outputs):
     """adapter.segment_node with an in-process prediction (what the Logic's blocking call does)."""
+
     def predict(image):
         return SegmentationResult.from_prediction(predictor.predict(image, CPU, progress=progress))
+
     return adapter.segment_node(scene, node, predict, predictor.bundle.labels, **outputs)
 
 
@@ -78,8 +81,20 @@ def test_segmentation_matches_mtseg_predict(tmp_path, untrained_bundle, predicto
     assert storage.WriteData(node)
     scene.RemoveNode(storage)
     from MultiTaskSegTraining.cli import main
-    rc = main(["predict", "--bundle", str(untrained_bundle.path), str(path), "--output-dir", str(tmp_path / "out"),
-               "--device", "cpu", "--quiet"])
+
+    rc = main(
+        [
+            "predict",
+            "--bundle",
+            str(untrained_bundle.path),
+            str(path),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "patient1_seg.nii.gz")))
     report = json.loads((tmp_path / "out" / "patient1.json").read_text(encoding="utf-8"))
@@ -137,8 +152,9 @@ def test_rerun_with_chosen_outputs_does_not_duplicate(predictor, scene_and_input
     scene, node = scene_and_input
     first, _ = segment(scene, node, predictor)
     before = node_ids(scene)
-    second, _ = segment(scene, node, predictor, segmentation_node=first.segmentation,
-                        uncertainty_node=first.uncertainty)
+    second, _ = segment(
+        scene, node, predictor, segmentation_node=first.segmentation, uncertainty_node=first.uncertainty
+    )
     assert node_ids(scene) == before
     assert second.segmentation is first.segmentation and second.uncertainty is first.uncertainty
     assert first.segmentation.GetSegmentation().GetNumberOfSegments() == len(predictor.bundle.labels)
@@ -168,7 +184,9 @@ def test_cancel_leaves_scene_unchanged(predictor, scene_and_input):
 def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
     scene = slicer.vtkMRMLScene()
     if kind == "slice2d":
-        node = adapter.add_volume_node_from_image(scene, sitk.GetImageFromArray(np.arange(1 * 8 * 9, dtype=np.int16).reshape(1, 8, 9)), "slice")
+        node = adapter.add_volume_node_from_image(
+            scene, sitk.GetImageFromArray(np.arange(1 * 8 * 9, dtype=np.int16).reshape(1, 8, 9)), "slice"
+        )
         message = "single slice"
     elif kind == "vector":
         rgb = sitk.GetImageFromArray(np.arange(4 * 5 * 6 * 3, dtype=np.uint8).reshape(4, 5, 6, 3), isVector=True)
@@ -188,8 +206,10 @@ def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
 
 
 def test_terminology_string_format():
-    entry = {"category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
-             "type": {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"}}
+    entry = {
+        "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+        "type": {"scheme": "SCT", "code": "78961009", "meaning": "Spleen"},
+    }
     text = adapter.terminology_string(entry)
     fields = text.split("~")
     assert fields[0] == adapter.TERMINOLOGY_CONTEXT
@@ -221,6 +241,7 @@ def test_quality_estimate_lands_on_the_node_when_present(predictor, scene_and_in
             result = SegmentationResult.from_prediction(predictor.predict(image, CPU))
             result.report["quality"] = {"expected_dice": 0.6234, "per_structure": {"liver": 0.6}, "flag": flag}
             return result
+
         return predict
 
     outputs, result = adapter.segment_node(scene, node, with_quality(True), predictor.bundle.labels)
@@ -236,8 +257,12 @@ def test_quality_estimate_lands_on_the_node_when_present(predictor, scene_and_in
 
 def test_paired_organs_use_slicer_laterality_modifier():
     """Slicer's tables code a kidney as SCT Kidney + a Right/Left modifier (as SlicerTotalSegmentator does)."""
-    specs = adapter.segment_specs([{"value": 1, "name": "right kidney", "color": [1, 2, 3]},
-                                   {"value": 2, "name": "left kidney", "color": [1, 2, 3]}])
+    specs = adapter.segment_specs(
+        [
+            {"value": 1, "name": "right kidney", "color": [1, 2, 3]},
+            {"value": 2, "name": "left kidney", "color": [1, 2, 3]},
+        ]
+    )
     parsed = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(specs[0]["terminology"], parsed)
     assert parsed.GetTypeObject().GetCodeValue() == "64033007"

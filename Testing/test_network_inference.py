@@ -1,4 +1,5 @@
 """Network, sliding-window blending, Gram-based signatures, uncertainty and MC dropout."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ def _direct_signature(feature_map: np.ndarray) -> np.ndarray:
     matrix = feature_map.reshape(c, -1).T / np.sqrt(feature_map.reshape(c, -1).shape[1])
     s = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
     log_s = np.log(s)
-    return log_s / np.sqrt((log_s ** 2).sum())
+    return log_s / np.sqrt((log_s**2).sum())
 
 
 def test_network_shapes_taps_and_context_head(model):
@@ -151,8 +152,9 @@ def test_signature_from_accumulated_gram_equals_direct_svd_of_the_tapped_feature
         c = fmap.shape[0]
         x = fmap.reshape(c, -1).T.astype(np.float64)
         np.testing.assert_allclose(result.gram[layer], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-7)
-        np.testing.assert_allclose(signature_from_grams(result.gram, [layer]), _direct_signature(fmap),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            signature_from_grams(result.gram, [layer]), _direct_signature(fmap), rtol=1e-4, atol=1e-5
+        )
     concatenated = np.concatenate([_direct_signature(feats[k][0].numpy()) for k in layers])
     np.testing.assert_allclose(signature_from_grams(result.gram, layers), concatenated, rtol=1e-4, atol=1e-5)
 
@@ -271,6 +273,7 @@ def test_predictor_mc_dropout_changes_the_uncertainty_only_when_asked(untrained_
 
 def test_merging_other_contexts_gives_the_marginal_distribution():
     from MultiTaskSegLib.uncertainty import merge_other_contexts
+
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None]  # background, A1, B1, B2
     merged = merge_other_contexts(probs, [1])
     np.testing.assert_allclose(merged.numpy()[:, 0], [0.8, 0.2], rtol=1e-6)

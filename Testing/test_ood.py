@@ -1,4 +1,5 @@
 """Spectral OOD detection: signature, threshold and scoring against hand computations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,9 @@ def test_signature_from_features_equals_direct_svd():
 
 def test_signature_of_a_hand_made_spectrum():
     # singular values e, e², e³ → log = 1, 2, 3 → / sqrt(14)
-    np.testing.assert_allclose(signature_from_singular_values(np.exp([1.0, 2.0, 3.0])),
-                               np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0), rtol=1e-12)
+    np.testing.assert_allclose(
+        signature_from_singular_values(np.exp([1.0, 2.0, 3.0])), np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0), rtol=1e-12
+    )
     # a zero singular value is floored, not -inf
     assert np.isfinite(signature_from_singular_values(np.array([2.0, 0.0]))).all()
 
@@ -44,8 +46,9 @@ def test_singular_values_from_gram_equal_svd_and_layers_concatenate():
     np.testing.assert_allclose(singular_values_from_gram(x.T @ x), np.linalg.svd(x, compute_uv=False), rtol=1e-8)
     fa, fb = rng.normal(size=(4, 6, 6, 6)), rng.normal(size=(3, 3, 3, 3))
     gram = {n: (f.reshape(f.shape[0], -1) @ f.reshape(f.shape[0], -1).T) / f[0].size for n, f in (("a", fa), ("b", fb))}
-    np.testing.assert_allclose(signature_from_grams(gram, ["a", "b"]),
-                               np.concatenate([_svd_signature(fa), _svd_signature(fb)]), rtol=1e-8)
+    np.testing.assert_allclose(
+        signature_from_grams(gram, ["a", "b"]), np.concatenate([_svd_signature(fa), _svd_signature(fb)]), rtol=1e-8
+    )
     assert signature_from_grams(gram, ["b", "a"], length=2).shape == (4,)
 
 
@@ -68,8 +71,9 @@ def test_nearest_neighbour_distances():
 
 def test_detector_scores_and_reports_nearest_context():
     sigs = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [11.0, 0.0]])
-    det = SpectralDetector(sigs, np.array([0, 0, 1, 1]), np.array(["a1", "a2", "b1", "b2"]), ["A", "B"],
-                           ["enc2"], None, threshold=1.5)
+    det = SpectralDetector(
+        sigs, np.array([0, 0, 1, 1]), np.array(["a1", "a2", "b1", "b2"]), ["A", "B"], ["enc2"], None, threshold=1.5
+    )
     near = det.score(np.array([10.5, 1.0]))
     assert near.nearest_context == "B" and near.nearest_case in ("b1", "b2")
     assert near.score == pytest.approx(np.hypot(0.5, 1.0)) and not near.is_ood
@@ -97,8 +101,9 @@ def test_foreign_volumes_are_far_from_phantom_signatures(untrained_bundle):
     predictor.detector.context_index = np.zeros(len(train), int)
     predictor.detector.case_ids = np.array([f"ct{s}" for s in range(4)])
     predictor.detector.threshold = loo_threshold(train)
-    assert len(train[0]) == sum(predictor.model.config.widths[-1] if l.startswith("enc") else
-                                predictor.model.config.widths[0] for l in layers)
+    assert len(train[0]) == sum(
+        predictor.model.config.widths[-1] if l.startswith("enc") else predictor.model.config.widths[0] for l in layers
+    )
     held_out = predictor.predict(phantoms.ct_phantom(size, spacing, seed=11)[0])
     checker = predictor.predict(phantoms.checkerboard_volume(size, spacing))
     noise = predictor.predict(phantoms.noise_volume(size, spacing))

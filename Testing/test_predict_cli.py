@@ -1,4 +1,5 @@
 """`mtseg predict`, in-process (``cli.main``) and as a real subprocess: outputs, geometry, errors."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,20 @@ OOD_KEYS = {"score", "threshold", "is_ood", "nearest_context", "detector"}
 
 
 def predict(capsys, bundle, *inputs, out, extra=()):
-    rc = main(["predict", "--bundle", str(bundle), *map(str, inputs), "--output-dir", str(out),
-               "--device", "cpu", "-q", *extra])
+    rc = main(
+        [
+            "predict",
+            "--bundle",
+            str(bundle),
+            *map(str, inputs),
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+            *extra,
+        ]
+    )
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
     return rc, captured.err
@@ -82,8 +95,11 @@ def test_predict_one_file_writes_every_output_on_the_input_grid(capsys, untraine
     assert rc == 0, err
     report = check_outputs(tmp_path, "ct_case", image, untrained_bundle)
     assert report["modality"] == "CT"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct_case.json", "ct_case_seg.nii.gz",
-                                                           "ct_case_uncertainty.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ct_case.json",
+        "ct_case_seg.nii.gz",
+        "ct_case_uncertainty.nii.gz",
+    ]
 
 
 class _ThresholdModel(torch.nn.Module):
@@ -101,17 +117,26 @@ class _ThresholdModel(torch.nn.Module):
         return torch.cat([torch.zeros_like(fg), fg] + [rest] * (self.config.out_channels - 2), dim=1), feats
 
 
-@pytest.mark.parametrize("direction", [OBLIQUE, phantoms.rotation((5, 30, -40)) @ np.diag([1.0, -1.0, -1.0])],
-                         ids=["oblique-LPS", "oblique-flipped"])
-def test_a_structure_comes_back_at_the_same_physical_place(capsys, monkeypatch, untrained_bundle, tmp_path,
-                                                           direction):
+@pytest.mark.parametrize(
+    "direction",
+    [OBLIQUE, phantoms.rotation((5, 30, -40)) @ np.diag([1.0, -1.0, -1.0])],
+    ids=["oblique-LPS", "oblique-flipped"],
+)
+def test_a_structure_comes_back_at_the_same_physical_place(capsys, monkeypatch, untrained_bundle, tmp_path, direction):
     """Through the whole pipeline (canonical grid, 4 mm, windows, back to an anisotropic oblique grid)."""
     original = Bundle.load_model
     monkeypatch.setattr(Bundle, "load_model", lambda self, device="cpu": _ThresholdModel(original(self, device)))
     size, spacing, origin = (36, 32, 12), (2.5, 3.0, 7.0), np.array([30.0, -52.0, 118.0])
     middle = origin + direction @ ((np.array(size) - 1) / 2 * np.array(spacing))
-    image, label = phantoms.sphere_phantom(size, spacing, centre_mm=middle + (14.0, -10.0, 9.0), radius_mm=22.0,
-                                           direction=direction, origin=origin, noise=20.0)
+    image, label = phantoms.sphere_phantom(
+        size,
+        spacing,
+        centre_mm=middle + (14.0, -10.0, 9.0),
+        radius_mm=22.0,
+        direction=direction,
+        origin=origin,
+        noise=20.0,
+    )
     assert sitk.GetArrayFromImage(label).sum() > 500
     path = phantoms.write(image, tmp_path / "in" / "sphere.nrrd")
     rc, err = predict(capsys, untrained_bundle.path, path, out=tmp_path / "out")
@@ -193,8 +218,9 @@ def _broken_bundle(untrained_bundle, tmp_path, how):
     return b
 
 
-@pytest.mark.parametrize("how,expected", [("missing", "not found"), ("wrong-hash", "corrupt"),
-                                          ("unknown-version", "format_version")])
+@pytest.mark.parametrize(
+    "how,expected", [("missing", "not found"), ("wrong-hash", "corrupt"), ("unknown-version", "format_version")]
+)
 def test_bad_bundle_gives_one_line_error(capsys, untrained_bundle, ct_file, tmp_path, how, expected):
     bundle = _broken_bundle(untrained_bundle, tmp_path, how)
     rc, err = predict(capsys, bundle, ct_file[0], out=tmp_path / "out")
@@ -256,12 +282,28 @@ def test_real_subprocess_run(untrained_bundle, ct_file, tmp_path):
     exe = Path(sys.executable).with_name("mtseg")
     command = [str(exe)] if exe.is_file() else [sys.executable, "-m", "MultiTaskSegTraining.cli"]
     bad = phantoms.write_bad_input("2d", tmp_path / "in")
-    proc = subprocess.run([*command, "predict", "--bundle", str(untrained_bundle.path), str(ct_file[0]), str(bad),
-                           "--output-dir", str(tmp_path / "out"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            *command,
+            "predict",
+            "--bundle",
+            str(untrained_bundle.path),
+            str(ct_file[0]),
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == \
-        [f"error: {bad}: image is 2D (size (16, 16)); a 3D volume is needed"]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {bad}: image is 2D (size (16, 16)); a 3D volume is needed"
+    ]
     check_outputs(tmp_path / "out", "ct_case", ct_file[1], untrained_bundle)

@@ -1,4 +1,5 @@
 """Preprocessing: modality detection, intensity normalisation, canonical grid and the way back."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,8 +71,14 @@ def test_canonical_grid_is_axis_aligned_and_covers_the_image():
 @pytest.mark.parametrize("direction", [OBLIQUE, MIRRORED], ids=["oblique-LPS", "mirrored"])
 def test_label_round_trip_to_canonical_and_back(direction):
     """A structure lands at the same physical place: canonical grid and back keeps ≥ 0.95 overlap."""
-    image, label = phantoms.ct_phantom((40, 36, 16), (2.0, 2.5, 5.0), labels=("liver", "spleen"), seed=6,
-                                       direction=direction, origin=(-40.0, 25.0, -70.0))
+    image, label = phantoms.ct_phantom(
+        (40, 36, 16),
+        (2.0, 2.5, 5.0),
+        labels=("liver", "spleen"),
+        seed=6,
+        direction=direction,
+        origin=(-40.0, 25.0, -70.0),
+    )
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
     on_grid = resample_label_to_grid(label, grid)
     back = grid_to_input(on_grid, grid, image, interpolator=sitk.sitkNearestNeighbor)

@@ -2,6 +2,7 @@
 
 Skipped with a reason where ../shared/data is absent (a user's clone); CI has it.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from MultiTaskSegLib.volume_io import read_volume
 from MultiTaskSegTraining.data import load_dataset, split_cases
 
 DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "BrainStructuresMR"]
-requires_default = pytest.mark.skipif(not (DEFAULT_BUNDLE / "bundle.json").exists(),
-                                      reason="the default model bundle has not been trained into this checkout")
+requires_default = pytest.mark.skipif(
+    not (DEFAULT_BUNDLE / "bundle.json").exists(),
+    reason="the default model bundle has not been trained into this checkout",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,9 @@ def predictor():
 @pytest.mark.parametrize("name", DATASETS)
 def test_real_datasets_load_and_split_without_leaks(name):
     spec = load_dataset(SHARED_DATA / name)
-    assert len(spec.cases) == json.loads((SHARED_DATA / name / "dataset.json").read_text(encoding="utf-8"))["numTraining"]
+    assert (
+        len(spec.cases) == json.loads((SHARED_DATA / name / "dataset.json").read_text(encoding="utf-8"))["numTraining"]
+    )
     split = split_cases(spec, seed=0)
     groups = {part: {c.group for c in spec.cases if c.case_id in ids} for part, ids in split.items()}
     assert not groups["train"] & groups["test"] and not groups["val"] & groups["test"]
@@ -76,6 +81,7 @@ def test_default_model_segments_the_liver_of_the_held_out_sample_ct(predictor):
 @requires_default
 def test_default_model_flags_a_foreign_volume_as_ood(predictor):
     from phantoms import checkerboard_volume
+
     image = checkerboard_volume(size=(96, 96, 64), spacing=(2.0, 2.0, 2.0))
     prediction = predictor.predict(image, PredictOptions(device="cpu"))
     assert prediction.ood.is_ood and prediction.ood.score > prediction.ood.threshold

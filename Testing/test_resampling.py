@@ -1,4 +1,5 @@
 """Separable torch resampling (resampling.py) against SimpleITK's linear Resample on axis-aligned grids."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,11 @@ def _torch_resample(source: sitk.Image, target: sitk.Image, default: float, slab
     maps = axis_maps(source, target)
     assert maps is not None
     x = torch.from_numpy(sitk.GetArrayFromImage(source))[None]
-    rows = slabs(maps, 1) if slab_rows is None else \
-        [slice(r, min(r + slab_rows, len(maps[0].low))) for r in range(0, len(maps[0].low), slab_rows)]
+    rows = (
+        slabs(maps, 1)
+        if slab_rows is None
+        else [slice(r, min(r + slab_rows, len(maps[0].low))) for r in range(0, len(maps[0].low), slab_rows)]
+    )
     return torch.cat([resample_slab(x, maps, r, [default]) for r in rows], 1)[0].numpy()
 
 

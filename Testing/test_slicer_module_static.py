@@ -1,6 +1,7 @@
 """Static checks of the Slicer module where the Qt GUI cannot run: .ui ↔ Python names,
 CMake packaging completeness, the import layering of DESIGN.md, no inference thread, and the
 Slicer calls against the list of what Slicer 5.8 defines (slicer_api.txt)."""
+
 from __future__ import annotations
 
 import ast
@@ -61,8 +62,11 @@ def test_cmake_lists_every_python_file_and_resource():
     text = CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "MultiTaskSeg")
     listed = set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, re.M))
     python = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
-    resources = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
+    resources = {
+        str(p.relative_to(MODULE))
+        for p in (MODULE / "Resources").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    }
     missing = (python | resources) - listed
     assert not missing, f"not packaged by {CMAKE}: {sorted(missing)}"
     # the default model ships with the extension even before it is trained here
@@ -74,10 +78,19 @@ def test_cmake_lists_every_python_file_and_resource():
 
 def test_top_level_cmake_declares_the_extension():
     text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    for key in ("project(MultiTaskSeg)", "EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"',
-                "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
-                'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer", "add_subdirectory(MultiTaskSeg)",
-                "Slicer_EXTENSION_CPACK"):
+    for key in (
+        "project(MultiTaskSeg)",
+        "EXTENSION_HOMEPAGE",
+        'EXTENSION_CATEGORY "Segmentation"',
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        'EXTENSION_DEPENDS "PyTorch"',
+        "find_package(Slicer",
+        "add_subdirectory(MultiTaskSeg)",
+        "Slicer_EXTENSION_CPACK",
+    ):
         assert key in text, key
     # the icon and screenshot URLs name files of this repository's main branch: they must exist
     for url in re.findall(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/([^\s\"]+)", text):
@@ -94,10 +107,12 @@ def test_core_imports_no_slicer_qt_vtk(path):
 def test_core_imports_with_slicer_and_vtk_blocked():
     """Every core module imports with slicer / qt / ctk / vtk made unimportable: no allow-list."""
     modules = [f"MultiTaskSegLib.{p.stem}" for p in LIB.glob("*.py") if p.stem != "__init__"]
-    code = ("import sys, importlib\n"
-            f"for name in {GUI_MODULES!r}: sys.modules[name] = None  # import raises ImportError\n"
-            f"for m in {modules!r}: importlib.import_module(m)\n"
-            "print('ok')")
+    code = (
+        "import sys, importlib\n"
+        f"for name in {GUI_MODULES!r}: sys.modules[name] = None  # import raises ImportError\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(MODULE))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -113,15 +128,20 @@ def test_adapter_layer_imports_no_qt_and_no_application_globals():
     for path in MRML.glob("*.py"):
         assert not imported_modules(path) & {"qt", "ctk", "MultiTaskSegShell"}, path.name
         # the scene comes in as an argument: no application globals
-        used = {n.attr for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer"}
+        used = {
+            n.attr
+            for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "slicer"
+        }
         assert not used & {"mrmlScene", "app", "modules"}, (path.name, used & {"mrmlScene", "app", "modules"})
 
 
 def test_training_package_imports_neither_shell_nor_adapter():
     for path in (ROOT / "MultiTaskSegTraining").rglob("*.py"):
         modules = imported_modules(path)
-        assert not modules & {"MultiTaskSeg", "MultiTaskSegMRML", "MultiTaskSegShell", "slicer", "qt", "ctk", "vtk"}, path
+        assert not modules & {"MultiTaskSeg", "MultiTaskSegMRML", "MultiTaskSegShell", "slicer", "qt", "ctk", "vtk"}, (
+            path
+        )
 
 
 def test_shell_loads_without_torch():
@@ -132,10 +152,12 @@ def test_shell_loads_without_torch():
         top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
         top |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
         assert "torch" not in top, path
-    code = ("import sys, importlib\n"
-            "for m in ['MultiTaskSegMRML.adapter', 'MultiTaskSegMRML.selftest', 'MultiTaskSegLib.ood_gauge', "
-            "'MultiTaskSegLib.errors']: importlib.import_module(m)\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, importlib\n"
+        "for m in ['MultiTaskSegMRML.adapter', 'MultiTaskSegMRML.selftest', 'MultiTaskSegLib.ood_gauge', "
+        "'MultiTaskSegLib.errors']: importlib.import_module(m)\n"
+        "print('torch' in sys.modules)"
+    )
     pytest.importorskip("slicer")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(MODULE))
     assert out.stdout.strip() == "False", out.stderr[-2000:]
@@ -156,15 +178,27 @@ def _slicer_calls(path: Path) -> set[str]:
     """UpperCamel method calls (VTK/MRML style) and slicer.util / slicer.app attributes used in a file."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr[:1].isupper() \
-                and not node.func.attr.startswith("Q"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr[:1].isupper()
+            and not node.func.attr.startswith("Q")
+        ):
             names.add(node.func.attr)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "slicer" \
-                and node.value.attr in ("util", "app"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "slicer"
+            and node.value.attr in ("util", "app")
+        ):
             names.add(f"slicer.{node.value.attr}.{node.attr}")
-        if isinstance(node, ast.Attribute) and node.attr in ("connectParametersToGui", "disconnectGui",
-                                                             "registerCustomSampleDataSource", "installTorch"):
+        if isinstance(node, ast.Attribute) and node.attr in (
+            "connectParametersToGui",
+            "disconnectGui",
+            "registerCustomSampleDataSource",
+            "installTorch",
+        ):
             names.add(node.attr)
     return names
 
@@ -172,10 +206,28 @@ def _slicer_calls(path: Path) -> set[str]:
 #: Calls that do not exist on Slicer 5.8 (added in 5.10, Slicer commit 49a2510): never to be made.
 NEW_IN_5_10 = {"SetTerminology", "GetTerminology"}
 #: UpperCamel calls in the scanned files that are not Slicer's: VTK core, SimpleITK, the PyTorch extension.
-NOT_SLICER = {"GetElement", "SetElement", "GetPointData", "GetScalars", "SetScalars", "SetDimensions", "GetDimensions",
-              "GetNumberOfScalarComponents", "ShallowCopy", "SetRange", "GetArrayFromImage", "GetImageFromArray",
-              "GetSpacing", "SetSpacing", "GetOrigin", "SetOrigin", "GetDirection", "SetDirection",
-              "GetNumberOfComponentsPerPixel", "PyTorchUtilsLogic"}
+NOT_SLICER = {
+    "GetElement",
+    "SetElement",
+    "GetPointData",
+    "GetScalars",
+    "SetScalars",
+    "SetDimensions",
+    "GetDimensions",
+    "GetNumberOfScalarComponents",
+    "ShallowCopy",
+    "SetRange",
+    "GetArrayFromImage",
+    "GetImageFromArray",
+    "GetSpacing",
+    "SetSpacing",
+    "GetOrigin",
+    "SetOrigin",
+    "GetDirection",
+    "SetDirection",
+    "GetNumberOfComponentsPerPixel",
+    "PyTorchUtilsLogic",
+}
 
 
 def slicer_api() -> dict[str, tuple[str, str, str]]:
@@ -201,15 +253,20 @@ def test_every_slicer_call_is_listed_with_its_source_and_none_is_new_in_5_10():
 def test_listed_slicer_calls_exist_in_slicer_core():
     pytest.importorskip("slicer")
     import slicer.util
+
     api = slicer_api()
-    missing = [f"{cls}.{name}" for name, (cls, _source, _line) in api.items()
-               if cls != "-" and not hasattr(getattr(slicer, cls, None), name)]
+    missing = [
+        f"{cls}.{name}"
+        for name, (cls, _source, _line) in api.items()
+        if cls != "-" and not hasattr(getattr(slicer, cls, None), name)
+    ]
     missing += [name for name in api if name.startswith("slicer.util.") and not hasattr(slicer.util, name[12:])]
     assert not missing, missing
 
 
 def test_sample_data_checksum_matches_the_shipped_file():
     import hashlib
+
     text = SHELL.read_text(encoding="utf-8")
     declared = re.search(r'SAMPLE_SHA256 = "([0-9a-f]{64})"', text).group(1)
     sample = MODULE / "Resources" / "SampleData" / "totalseg_ct01.nii.gz"

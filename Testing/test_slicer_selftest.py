@@ -2,6 +2,7 @@
 
 See slicer_shell.py: only the Qt GUI / application shell is mocked.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,9 @@ def test_selftest_body_with_untrained_bundle(shell, scene, untrained_bundle, sma
     """The same body and the real Logic.process, with a test bundle (runs before the default model exists)."""
     logic = shell.MultiTaskSegLogic()
     assert logic.ensureDependencies(askConfirmation=False)
-    result = run_selftest(scene, logic.process, untrained_bundle.path, small_sample, log=lambda text: None,
-                          time_limit_s=None)
+    result = run_selftest(
+        scene, logic.process, untrained_bundle.path, small_sample, log=lambda text: None, time_limit_s=None
+    )
     assert set(result["volumes_ml"]) == {l["name"] for l in untrained_bundle.labels}
 
 
@@ -67,12 +69,20 @@ def test_logic_reports_invalid_model_folder_clearly(shell, tmp_path):
 def test_logic_blocking_call_through_the_worker(shell, scene, untrained_bundle, small_sample):
     """Logic.process(childProcess=True): the script path through the same worker as the GUI."""
     from MultiTaskSegMRML import adapter
+
     node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(small_sample)), "crop")
     logic = shell.MultiTaskSegLogic()
     outputs, result = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu", childProcess=True)
     seen = []
-    here, _ = logic.process(node, modelPath=str(untrained_bundle.path), device="cpu",
-                            onOOD=lambda ood, contexts: seen.append((ood["score"], len(contexts))))
+    here, _ = logic.process(
+        node,
+        modelPath=str(untrained_bundle.path),
+        device="cpu",
+        onOOD=lambda ood, contexts: seen.append((ood["score"], len(contexts))),
+    )
     assert seen and seen[0][1] == len(untrained_bundle.contexts)
     from mrml_helpers import exported_labels
-    assert np.array_equal(exported_labels(scene, outputs.segmentation, node), exported_labels(scene, here.segmentation, node))
+
+    assert np.array_equal(
+        exported_labels(scene, outputs.segmentation, node), exported_labels(scene, here.segmentation, node)
+    )

@@ -1,6 +1,7 @@
 """The Widget's own rules, with its widgets mocked (Qt needs the application) and real MRML nodes:
 a new input clears the pinned outputs, the uncertainty output is never the input, the opacity
 applies at once, the quality estimate shows when present, a cancel resets the panel."""
+
 from __future__ import annotations
 
 import sys
@@ -23,13 +24,30 @@ def scene():
 def widget(monkeypatch, scene):
     shell = import_shell(monkeypatch, scene)
     w = shell.MultiTaskSegWidget()
-    names = ["applyButton", "modelPathLineEdit", "statusLabel", "progressBar", "oodWarningLabel", "qualityLabel",
-             "deviceNoticeLabel", "modelStatusLabel", "resultsTable", "oodCollapsibleButton", "useDefaultModelCheckBox"]
+    names = [
+        "applyButton",
+        "modelPathLineEdit",
+        "statusLabel",
+        "progressBar",
+        "oodWarningLabel",
+        "qualityLabel",
+        "deviceNoticeLabel",
+        "modelStatusLabel",
+        "resultsTable",
+        "oodCollapsibleButton",
+        "useDefaultModelCheckBox",
+    ]
     w.ui = SimpleNamespace(**{n: mock.MagicMock(name=n) for n in names})
     w.gauge = mock.MagicMock(name="gauge")
     w.logic = shell.MultiTaskSegLogic()
-    w._parameterNode = SimpleNamespace(inputVolume=None, outputSegmentation=None, outputUncertainty=None,
-                                       useDefaultModel=True, modelPath=None, uncertaintyOpacity=0.4)
+    w._parameterNode = SimpleNamespace(
+        inputVolume=None,
+        outputSegmentation=None,
+        outputUncertainty=None,
+        useDefaultModel=True,
+        modelPath=None,
+        uncertaintyOpacity=0.4,
+    )
     return w
 
 
@@ -65,8 +83,12 @@ def test_opacity_applies_at_once(widget, scene):
 
 
 def test_results_show_the_quality_estimate_when_present(widget):
-    report = {"labels": {"1": "liver"}, "volumes_ml": {"liver": 1500.0}, "mean_uncertainty_per_label": {"liver": 0.1},
-              "quality": {"expected_dice": 0.62, "per_structure": {"liver": 0.62}, "flag": True}}
+    report = {
+        "labels": {"1": "liver"},
+        "volumes_ml": {"liver": 1500.0},
+        "mean_uncertainty_per_label": {"liver": 0.1},
+        "quality": {"expected_dice": 0.62, "per_structure": {"liver": 0.62}, "flag": True},
+    }
     widget._fillResults(report)
     assert widget.ui.qualityLabel.text == "Quality: expected Dice 0.62 — review before use"
     assert widget.ui.qualityLabel.visible is True
@@ -77,8 +99,10 @@ def test_results_show_the_quality_estimate_when_present(widget):
 
 
 def test_ood_gauge_and_cancel(widget):
-    widget._onOOD({"event": "ood", "score": 0.3, "threshold": None, "is_ood": False, "nearest_context": "AbdomenCT"},
-                  [{"name": "AbdomenCT", "modality": "CT", "region": "abdomen"}])
+    widget._onOOD(
+        {"event": "ood", "score": 0.3, "threshold": None, "is_ood": False, "nearest_context": "AbdomenCT"},
+        [{"name": "AbdomenCT", "modality": "CT", "region": "abdomen"}],
+    )
     widget.gauge.setResult.assert_called_with(0.3, None, "AbdomenCT (CT, abdomen)")
     widget._onFinished(None, None, None, True)
     assert "Cancelled" in widget.ui.statusLabel.text
@@ -90,6 +114,7 @@ def test_declined_install_is_a_calm_message(monkeypatch, widget):
     import types
 
     from MultiTaskSegShell import dependencies
+
     calls = []
 
     def pip_ensure(requirements, constraints=None, prompt_install=True, requester=None):

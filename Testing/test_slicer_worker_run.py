@@ -3,6 +3,7 @@
 outputs in the scene. Only the Qt GUI is mocked (slicer_shell.py); plain ``python`` stands in
 for PythonSlicer. Prints the main-thread time per timer tick and Apply → results against
 `mtseg predict` (targets: ≤ 50 ms per tick, ≤ 1.3×); timings are reported, not asserted tightly."""
+
 from __future__ import annotations
 
 import os
@@ -56,10 +57,15 @@ class Apply:
     def __init__(self, logic, node, bundle_path, **kwargs):
         self.logic, self.events, self.finished = logic, [], None
         self.started = time.perf_counter()
-        logic.processInBackground(node, modelPath=str(bundle_path), device="cpu",
-                                  onProgress=lambda stage, fraction: self.events.append(("progress", stage)),
-                                  onOOD=lambda ood, contexts: self.events.append(("ood", ood)),
-                                  onFinished=self._finished, **kwargs)
+        logic.processInBackground(
+            node,
+            modelPath=str(bundle_path),
+            device="cpu",
+            onProgress=lambda stage, fraction: self.events.append(("progress", stage)),
+            onOOD=lambda ood, contexts: self.events.append(("ood", ood)),
+            onFinished=self._finished,
+            **kwargs,
+        )
 
     def _finished(self, *args) -> None:
         self.events.append(("finished", args))
@@ -75,23 +81,46 @@ class Apply:
 
 
 def read_cli_outputs(out: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
-    return (sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))),
-            sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_uncertainty.nii.gz"))))
+    return (
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_seg.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_uncertainty.nii.gz"))),
+    )
 
 
 def children_cpu_s() -> float:
     """User + system CPU seconds of this process's finished child processes."""
     import resource
+
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
 def run_cli(bundle: Path, volume: Path, out: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "MultiTaskSegTraining.cli", "predict", "--bundle", str(bundle), str(volume),
-                    "--output-dir", str(out), "--device", "cpu", "--quiet"], check=True, env=env, cwd=str(ROOT),
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "MultiTaskSegTraining.cli",
+            "predict",
+            "--bundle",
+            str(bundle),
+            str(volume),
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -107,13 +136,14 @@ def test_apply_loads_exactly_what_mtseg_predict_writes(shell, scene, untrained_b
     assert error is None and not cancelled
     kinds = [kind for kind, _ in run.events]
     assert kinds.index("ood") < kinds.index("finished")  # the gauge before the segmentation
-    assert "resample" in [payload for kind, payload in run.events[kinds.index("ood"):] if kind == "progress"]
+    assert "resample" in [payload for kind, payload in run.events[kinds.index("ood") :] if kind == "progress"]
     assert logic._timer.stop.called
 
     run_cli(untrained_bundle.path, crop_path, tmp_path / "cli")
     cli_labels, cli_unc = read_cli_outputs(tmp_path / "cli", "crop")
     assert np.array_equal(exported_labels(scene, outputs.segmentation, node), cli_labels)
     from vtk.util import numpy_support
+
     unc = numpy_support.vtk_to_numpy(outputs.uncertainty.GetImageData().GetPointData().GetScalars())
     # the CLI file is quantised to steps of 1/255 (BENCHMARKS.md); the scene keeps the float32 map
     assert np.allclose(unc.reshape(cli_unc.shape), cli_unc, rtol=0, atol=0.5 / 255 + 1e-6)
@@ -142,6 +172,7 @@ def test_cancel_stops_the_worker_within_two_seconds_and_changes_nothing(shell, s
 
 def test_crash_and_failing_callbacks_end_the_run_cleanly(shell, scene, untrained_bundle, crop_path):
     import signal
+
     node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(crop_path)), "crop")
     logic = shell.MultiTaskSegLogic()
     before = node_ids(scene)
@@ -157,8 +188,14 @@ def test_crash_and_failing_callbacks_end_the_run_cleanly(shell, scene, untrained
         raise RuntimeError("a widget is gone")
 
     finished = []
-    logic.processInBackground(node, modelPath=str(untrained_bundle.path), device="cpu", onProgress=broken,
-                              onOOD=broken, onFinished=lambda *args: finished.append(args))
+    logic.processInBackground(
+        node,
+        modelPath=str(untrained_bundle.path),
+        device="cpu",
+        onProgress=broken,
+        onOOD=broken,
+        onFinished=lambda *args: finished.append(args),
+    )
     deadline = time.perf_counter() + 240
     while logic.isRunning():
         assert time.perf_counter() < deadline
@@ -186,11 +223,13 @@ def test_timer_tick_and_apply_to_results_against_mtseg_predict(shell, scene, tmp
     ticks = logic.tickSeconds
     waiting, loading = ticks[:-1], ticks[-1]  # the last tick loads the outputs into the scene
     ratio = run.elapsed / cli_s
-    print(f"\nsample CT {SAMPLE_VOLUME.name}: Apply → results {run.elapsed:.2f} s, `mtseg predict` {cli_s:.2f} s "
-          f"(ratio {ratio:.2f}, target ≤ 1.3); main thread per tick while waiting: median "
-          f"{1000 * statistics.median(waiting):.2f} ms, max {1000 * max(waiting):.2f} ms over {len(waiting)} ticks "
-          f"(target ≤ 50 ms); final tick loading the outputs: {1000 * loading:.0f} ms; CPU time worker / "
-          f"`mtseg predict` {cpu_ratio:.2f} (robust to a busy machine, where wall times vary)")
+    print(
+        f"\nsample CT {SAMPLE_VOLUME.name}: Apply → results {run.elapsed:.2f} s, `mtseg predict` {cli_s:.2f} s "
+        f"(ratio {ratio:.2f}, target ≤ 1.3); main thread per tick while waiting: median "
+        f"{1000 * statistics.median(waiting):.2f} ms, max {1000 * max(waiting):.2f} ms over {len(waiting)} ticks "
+        f"(target ≤ 50 ms); final tick loading the outputs: {1000 * loading:.0f} ms; CPU time worker / "
+        f"`mtseg predict` {cpu_ratio:.2f} (robust to a busy machine, where wall times vary)"
+    )
     cli_labels, _ = read_cli_outputs(tmp_path / "cli", "totalseg_ct01")
     assert np.array_equal(exported_labels(scene, outputs.segmentation, node), cli_labels)
     assert max(waiting) < 1.0  # generous: the waiting ticks only read a few lines

@@ -1,4 +1,5 @@
 """mtseg train on phantoms: bundle, resume, split, partial-label loss, bad datasets."""
+
 from __future__ import annotations
 
 import json
@@ -92,7 +93,17 @@ def test_acdc_frames_of_one_patient_share_a_split(tmp_path):
 def test_resume_continues_from_the_checkpoint(datasets, tmp_path):
     config = tiny_config(tmp_path / "c.json", datasets, steps=4, checkpoint_every=2, signature_augmentations=0)
     out, work = tmp_path / "b", tmp_path / "w"
-    common = ["train", "--config", str(config), "-o", str(out), "--work-dir", str(work), "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "train",
+        "--config",
+        str(config),
+        "-o",
+        str(out),
+        "--work-dir",
+        str(work),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(common) == 0
     first = torch.load(work / "checkpoint.pt", weights_only=True)
     assert first["step"] == 4
@@ -153,9 +164,16 @@ def _break(root, how):
         (root / "dataset.json").unlink()
 
 
-@pytest.mark.parametrize("how,message", [("missing", "missing"), ("size", "does not match image size"),
-                                         ("undeclared", "not declared"), ("empty", "no training cases"),
-                                         ("no-json", "no dataset.json")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("missing", "missing"),
+        ("size", "does not match image size"),
+        ("undeclared", "not declared"),
+        ("empty", "no training cases"),
+        ("no-json", "no dataset.json"),
+    ],
+)
 def test_bad_datasets_fail_clearly_before_training(tmp_path, capsys, how, message):
     root = make_msd_dataset(tmp_path, "Broken", "CT", n_cases=3)
     _break(root, how)
@@ -168,8 +186,9 @@ def test_bad_datasets_fail_clearly_before_training(tmp_path, capsys, how, messag
 
 
 def test_shared_foreground_mode_reproduces_the_original_setup(datasets, tmp_path):
-    config = tiny_config(tmp_path / "c.json", datasets, steps=2, label_mode="shared_foreground",
-                         signature_augmentations=0)
+    config = tiny_config(
+        tmp_path / "c.json", datasets, steps=2, label_mode="shared_foreground", signature_augmentations=0
+    )
     out = tmp_path / "b"
     assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     meta = load_bundle(out).meta
@@ -180,8 +199,26 @@ def test_shared_foreground_mode_reproduces_the_original_setup(datasets, tmp_path
 def test_fine_tune_from_a_bundle_with_frozen_encoder(trained, datasets, tmp_path):
     config = tiny_config(tmp_path / "c.json", datasets[1:], steps=2, signature_augmentations=0)
     out = tmp_path / "ft"
-    assert main(["train", "--config", str(config), "-o", str(out), "--mode", "finetune", "--init-bundle", str(trained),
-                 "--finetune", "decoder", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "-o",
+                str(out),
+                "--mode",
+                "finetune",
+                "--init-bundle",
+                str(trained),
+                "--finetune",
+                "decoder",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     source = load_bundle(trained).load_model()
     tuned = load_bundle(out).load_model()
     # frozen encoder: identical weights; decoder: trained further

@@ -1,5 +1,6 @@
 """Issue 11's training pieces: patient grouping, split extension, per-structure sampling, post-processing,
 learning-rate schedules, bf16/channels-last training, and the missing-extra message."""
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
         config = TrainConfig(lr=1e-2, steps=100, warmup_steps=10, lr_schedule=schedule)
         assert lr_at(config, 0.1) == pytest.approx(1e-2)
         assert lr_at(config, 1.0) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(TrainConfig(steps=100, warmup_steps=10, lr_schedule="poly"), 0.55) > \
-        lr_at(TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine"), 0.55)
+    assert lr_at(TrainConfig(steps=100, warmup_steps=10, lr_schedule="poly"), 0.55) > lr_at(
+        TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine"), 0.55
+    )
     with pytest.raises(MultiTaskSegError, match="lr_schedule"):
         lr_at(TrainConfig(lr_schedule="step"), 0.5)
 
@@ -103,8 +105,15 @@ def test_yaml_config_without_the_training_extra_names_the_extra(tmp_path, monkey
 
 def test_bf16_channels_last_training_with_poly_schedule_writes_a_bundle_with_postprocessing(tmp_path):
     data = phantom_datasets(tmp_path / "data")
-    config = tiny_config(tmp_path / "c.json", data, cpu_bf16=True, channels_last=True, lr_schedule="poly",
-                         signature_augmentations=0, validate_every=3)
+    config = tiny_config(
+        tmp_path / "c.json",
+        data,
+        cpu_bf16=True,
+        channels_last=True,
+        lr_schedule="poly",
+        signature_augmentations=0,
+        validate_every=3,
+    )
     out = tmp_path / "b"
     assert main(["train", "--config", str(config), "-o", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     meta = load_bundle(out).meta
@@ -121,12 +130,38 @@ def test_bf16_channels_last_training_with_poly_schedule_writes_a_bundle_with_pos
 def test_a_finetune_keeps_the_init_bundles_split(tmp_path):
     data = phantom_datasets(tmp_path / "data")
     first = tmp_path / "first"
-    assert main(["train", "--config", str(tiny_config(tmp_path / "a.json", data, steps=2, signature_augmentations=0)),
-                 "-o", str(first), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tiny_config(tmp_path / "a.json", data, steps=2, signature_augmentations=0)),
+                "-o",
+                str(first),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     split = load_bundle(first).meta["training"]["split"]
     # change the seed: a fresh split would differ, the kept one must not
     config = tiny_config(tmp_path / "b.json", data, steps=2, seed=5, signature_augmentations=0)
     second = tmp_path / "second"
-    assert main(["train", "--config", str(config), "-o", str(second), "--init-bundle", str(first),
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "-o",
+                str(second),
+                "--init-bundle",
+                str(first),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert load_bundle(second).meta["training"]["split"] == split

@@ -3,6 +3,7 @@
 Constructed cases with known answers first (synthetic signatures and probability maps), then
 the bundle round trip and the predict report on real files.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,18 @@ def tiny_image():
 
 
 def _records(points: np.ndarray, context: int, prefix: str) -> list[dict]:
-    return [{"key": f"fit/D{context}__{prefix}{i}", "context": context, "signatures": {"enc0": p.tolist()}}
-            for i, p in enumerate(points)]
+    return [
+        {"key": f"fit/D{context}__{prefix}{i}", "context": context, "signatures": {"enc0": p.tolist()}}
+        for i, p in enumerate(points)
+    ]
 
 
 def _two_contexts(rng: np.random.Generator, n: int = 40) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """A tight context (spread 0.01) and a loose one (spread 0.2), far apart."""
     a_mean, b_mean = np.zeros(4), np.full(4, 5.0)
-    recs = _records(a_mean + 0.01 * rng.normal(size=(n, 4)), 0, "a") + _records(b_mean + 0.2 * rng.normal(size=(n, 4)), 1, "b")
+    recs = _records(a_mean + 0.01 * rng.normal(size=(n, 4)), 0, "a") + _records(
+        b_mean + 0.2 * rng.normal(size=(n, 4)), 1, "b"
+    )
     return recs, a_mean, b_mean
 
 
@@ -89,9 +94,14 @@ def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict],
     recs, scores = [], []
     for _ in range(n):
         soft = rng.uniform(0.2, 1.0)
-        recs.append({"evidence": {"1": {"soft_dice": soft, "mean_entropy": rng.uniform(0.2, 0.6), "volume_ml": 100.0}},
-                     "dice": {"1": float(np.clip(soft + 0.05 * rng.normal(), 0, 1))}, "recognised": 0,
-                     "context_probs": [0.9, 0.1]})
+        recs.append(
+            {
+                "evidence": {"1": {"soft_dice": soft, "mean_entropy": rng.uniform(0.2, 0.6), "volume_ml": 100.0}},
+                "dice": {"1": float(np.clip(soft + 0.05 * rng.normal(), 0, 1))},
+                "recognised": 0,
+                "context_probs": [0.9, 0.1],
+            }
+        )
         scores.append(rng.uniform(0, 1))
     return recs, scores
 
@@ -105,17 +115,23 @@ def test_quality_model_learns_a_monotone_expected_dice_and_ranks_failures():
     assert 0.0 <= lo < 0.5 < hi <= 1.0
     test, _ = _quality_records(rng, 40)
     dice = np.asarray([r["dice"]["1"] for r in test])
-    expected = np.asarray([model.assess({1: r["evidence"]["1"]}, {1: "liver"}, 0.5, 0.9, False).expected_dice
-                           for r in test])
+    expected = np.asarray(
+        [model.assess({1: r["evidence"]["1"]}, {1: "liver"}, 0.5, 0.9, False).expected_dice for r in test]
+    )
     table = failure_table({"quality": 1 - expected, "random": rng.uniform(size=len(test))}, dice)
     assert table["signals"]["quality"]["aurc"] < table["signals"]["random"]["aurc"]
     assert aurc(1 - dice, 1 - dice) == pytest.approx(table["aurc_oracle"])
 
 
 def _quality_dict() -> dict:
-    return QualityModel([1.5, -0.5, -0.2, -0.3, 0.2], 0.4, [0.6, 0.5, 1.0, 0.8, 0.9], [0.2, 0.1, 0.8, 0.5, 0.1],
-                        {"liver": [7.0, 0.3], "spleen": [5.0, 0.4], "left ventricle": [4.8, 0.3]},
-                        fitted_on="test").to_dict()
+    return QualityModel(
+        [1.5, -0.5, -0.2, -0.3, 0.2],
+        0.4,
+        [0.6, 0.5, 1.0, 0.8, 0.9],
+        [0.2, 0.1, 0.8, 0.5, 0.1],
+        {"liver": [7.0, 0.3], "spleen": [5.0, 0.4], "left ventricle": [4.8, 0.3]},
+        fitted_on="test",
+    ).to_dict()
 
 
 def _with_quality(bundle, path):

@@ -4,6 +4,7 @@ Two small contexts (CardiacCineMR, LeftAtriumMR), two fit cases each (clean + on
 two test cases, one corrupted test case per artefact type, one far and one near OOD volume.
 The full run is `mtseg trust` without --ci (docs/RESULTS.md, *Trust*).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ pytestmark = requires_shared_data
 
 BUNDLE = ROOT / "MultiTaskSeg" / "Resources" / "Models" / "default"
 DATA = [str(SHARED_DATA / d) for d in ("CardiacCineMR", "LeftAtriumMR")]
-OOD = [str(SHARED_DATA / "ood-dev" / f) for f in ("pyradiomics_prostate-phantom_image.nii.gz",
-                                                  "tcgalgg_tcga-du-7294-t2_image.nii.gz")]
+OOD = [
+    str(SHARED_DATA / "ood-dev" / f)
+    for f in ("pyradiomics_prostate-phantom_image.nii.gz", "tcgalgg_tcga-du-7294-t2_image.nii.gz")
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,25 @@ def bench(tmp_path_factory):
     from MultiTaskSegTraining.cli import main
 
     out = tmp_path_factory.mktemp("trust")
-    assert main(["trust", "--bundle", str(BUNDLE), "--data", *DATA, "--ood", *OOD, "-o", str(out), "--ci",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "trust",
+                "--bundle",
+                str(BUNDLE),
+                "--data",
+                *DATA,
+                "--ood",
+                *OOD,
+                "-o",
+                str(out),
+                "--ci",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -55,8 +75,9 @@ def test_finalise_refits_the_shipped_weights_and_predict_reports_quality(bench, 
     from MultiTaskSegLib.predictor import Predictor
     from MultiTaskSegTraining.trust_finalise import refit_trust
 
-    out = refit_trust(BUNDLE, DATA, tmp_path / "refit", bench / "records", fit_cases=2, device="cpu",
-                      log=lambda m: None)
+    out = refit_trust(
+        BUNDLE, DATA, tmp_path / "refit", bench / "records", fit_cases=2, device="cpu", log=lambda m: None
+    )
     new, old = load_bundle(out), load_bundle(BUNDLE)
     assert sha256_file(out / "model.safetensors") == sha256_file(BUNDLE / "model.safetensors")
     assert new.meta["calibration"] == old.meta["calibration"]

@@ -1,4 +1,5 @@
 """Volume I/O: formats, geometry kept exactly, and clear refusals of unsegmentable inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,8 +49,16 @@ def test_single_time_point_4d_is_read_as_3d(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
 
 
-EXPECTED_PROBLEM = {"2d": "2D", "4d": "4D", "vector": "components", "unreadable": "cannot read",
-                    "truncated": "truncated", "nan": "NaN/Inf", "inf": "NaN/Inf", "constant": "empty"}
+EXPECTED_PROBLEM = {
+    "2d": "2D",
+    "4d": "4D",
+    "vector": "components",
+    "unreadable": "cannot read",
+    "truncated": "truncated",
+    "nan": "NaN/Inf",
+    "inf": "NaN/Inf",
+    "constant": "empty",
+}
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
@@ -128,7 +137,7 @@ def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, s
     write_fraction_map(fraction, path)
     assert not list(tmp_path.glob(".*partial*"))
     header = (gzip.open if suffix == ".nii.gz" else open)(path, "rb").read(348)
-    datatype, = struct.unpack("<h", header[70:72])
+    (datatype,) = struct.unpack("<h", header[70:72])
     slope, inter = struct.unpack("<2f", header[112:120])
     assert datatype == 2 and abs(slope - 1 / 255) < 1e-9 and inter == 0.0  # NIfTI uint8
     back = read_volume(path)

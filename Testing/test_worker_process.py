@@ -1,5 +1,6 @@
 """The prediction worker as a real child process (plain ``python`` standing in for PythonSlicer):
 the JSON-lines protocol, the early OOD line, cancel, crashes, and outputs equal to `mtseg predict`."""
+
 from __future__ import annotations
 
 import json
@@ -67,18 +68,39 @@ def test_outputs_equal_what_mtseg_predict_writes(tmp_path, image, untrained_bund
     in-process run after other tests may differ in the last float bit, e.g. by thread settings)."""
     path = tmp_path / "case.nrrd"
     sitk.WriteImage(image, str(path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), str(PACKAGE_PARENT.parent),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, "-m", "MultiTaskSegTraining.cli", "predict", "--bundle", str(untrained_bundle.path),
-                    str(path), "--output-dir", str(tmp_path / "cli"), "--device", "cpu", "--quiet"], check=True, env=env,
-                   capture_output=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(PACKAGE_PARENT), str(PACKAGE_PARENT.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "MultiTaskSegTraining.cli",
+            "predict",
+            "--bundle",
+            str(untrained_bundle.path),
+            str(path),
+            "--output-dir",
+            str(tmp_path / "cli"),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     result = predict_in_child(image, untrained_bundle.path, CPU, timeout=180)
     cli_labels = sitk.ReadImage(str(tmp_path / "cli" / "case_seg.nii.gz"))
     cli_unc = sitk.ReadImage(str(tmp_path / "cli" / "case_uncertainty.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(result.labels), sitk.GetArrayFromImage(cli_labels))
     # the CLI file is quantised to steps of 1/255; the handover to the module keeps float32
-    assert np.allclose(sitk.GetArrayFromImage(result.uncertainty), sitk.GetArrayFromImage(cli_unc), rtol=0,
-                       atol=0.5 / 255 + 1e-6)
+    assert np.allclose(
+        sitk.GetArrayFromImage(result.uncertainty), sitk.GetArrayFromImage(cli_unc), rtol=0, atol=0.5 / 255 + 1e-6
+    )
     cli_report = json.loads((tmp_path / "cli" / "case.json").read_text(encoding="utf-8"))
     assert result.report["ood"] == cli_report["ood"] and result.report["volumes_ml"] == cli_report["volumes_ml"]
 
@@ -121,6 +143,7 @@ def test_a_crashing_worker_surfaces_its_last_stderr_line(image, untrained_bundle
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
 def test_a_killed_worker_is_reported(image, untrained_bundle):
     import signal
+
     worker = WorkerProcess(image, untrained_bundle.path, CPU, python=sys.executable)
     try:
         os.kill(worker._proc.pid, signal.SIGKILL)

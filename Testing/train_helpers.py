@@ -1,4 +1,5 @@
 """Tiny training configurations on phantoms, shared by the training tests."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,19 @@ def phantom_datasets(root: Path) -> list[Path]:
 
 def tiny_config(path: Path, data: list[Path], **extra) -> Path:
     """A config that trains in seconds: 4 mm grid, 16³ patches, a 3-level net."""
-    config = {"data": [str(d) for d in data], "target_spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16],
-              "batch_size": 2, "widths": [4, 8, 16], "steps": 6, "checkpoint_every": 2, "ood_layers": ["enc2", "dec0"],
-              "signature_augmentations": 1, "threads": 1, "warmup_steps": 1, **extra}
+    config = {
+        "data": [str(d) for d in data],
+        "target_spacing": [4.0, 4.0, 4.0],
+        "patch_size": [16, 16, 16],
+        "batch_size": 2,
+        "widths": [4, 8, 16],
+        "steps": 6,
+        "checkpoint_every": 2,
+        "ood_layers": ["enc2", "dec0"],
+        "signature_augmentations": 1,
+        "threads": 1,
+        "warmup_steps": 1,
+        **extra,
+    }
     path.write_text(json.dumps(config), encoding="utf-8")
     return path

@@ -10,6 +10,7 @@ identical (``--exact``, for refactors) or agree as issue 14 allows for float32 r
 per label, uncertainty max |Δ| ≤ 1/255). Without --bundle it uses an untrained network of the
 default architecture.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,18 @@ def _run(lib: dict, bundle_path: Path, images: dict) -> dict:
     out = {}
     for name, image in images.items():
         pre = lib["preprocessing"].preprocess(image, bundle.preprocessing)
-        window = lib["inference"].sliding_window(predictor.model, pre.array, bundle.window, predictor.device,
-                                                 predictor.detector.layers)
+        window = lib["inference"].sliding_window(
+            predictor.model, pre.array, bundle.window, predictor.device, predictor.detector.layers
+        )
         prediction = predictor.predict(image)
-        out[name] = {"pre": pre.array, "logits": window.logits.numpy(), "gram": window.gram,
-                     "labels": sitk.GetArrayFromImage(prediction.labels),
-                     "uncertainty": sitk.GetArrayFromImage(prediction.uncertainty), "ood": prediction.ood.score}
+        out[name] = {
+            "pre": pre.array,
+            "logits": window.logits.numpy(),
+            "gram": window.gram,
+            "labels": sitk.GetArrayFromImage(prediction.labels),
+            "uncertainty": sitk.GetArrayFromImage(prediction.uncertainty),
+            "ood": prediction.ood.score,
+        }
     return out
 
 
@@ -68,13 +75,18 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.rev, "MultiTaskSeg/MultiTaskSegLib"],
-                                 check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.rev, "MultiTaskSeg/MultiTaskSegLib"],
+            check=True,
+            capture_output=True,
+        ).stdout
         with tarfile.open(fileobj=BytesIO(archive)) as tar:
             tar.extractall(tmp / "before", filter="data")
         bundle = Path(args.bundle) if args.bundle else default_architecture_bundle(tmp / "bundle")
-        images = {"ct": ct_phantom((160, 150, 80), (1.5, 1.5, 2.5), seed=3),
-                  "mr": mr_phantom((120, 120, 90), (1.6, 1.6, 1.6), seed=4)}
+        images = {
+            "ct": ct_phantom((160, 150, 80), (1.5, 1.5, 2.5), seed=3),
+            "mr": mr_phantom((120, 120, 90), (1.6, 1.6, 1.6), seed=4),
+        }
         before = _run(_load(tmp / "before" / "MultiTaskSeg"), bundle, images)
         after = _run(_load(ROOT / "MultiTaskSeg"), bundle, images)
     ok = True
@@ -83,17 +95,23 @@ def main() -> int:
         logit = float(np.abs(a["logits"] - b["logits"]).max())
         gram = max(float(np.abs(a["gram"][k] - b["gram"][k]).max() / np.abs(a["gram"][k]).max()) for k in a["gram"])
         same = bool((a["labels"] == b["labels"]).all())
-        dices = [2.0 * float(((a["labels"] == c) & (b["labels"] == c)).sum())
-                 / float((a["labels"] == c).sum() + (b["labels"] == c).sum())
-                 for c in np.union1d(np.unique(a["labels"]), np.unique(b["labels"])) if c > 0]
+        dices = [
+            2.0
+            * float(((a["labels"] == c) & (b["labels"] == c)).sum())
+            / float((a["labels"] == c).sum() + (b["labels"] == c).sum())
+            for c in np.union1d(np.unique(a["labels"]), np.unique(b["labels"]))
+            if c > 0
+        ]
         dice = min(dices, default=1.0)
         pre = float(np.abs(a["pre"] - b["pre"]).max())
         unc = float(np.abs(a["uncertainty"] - b["uncertainty"]).max())
         good = logit < 1e-4 and gram < 1e-4 and (same if args.exact else dice >= 0.99 and unc <= 1 / 255)
         ok &= good
-        print(f"{name}: preprocessed max|Δ| {pre:.2g}; logits max|Δ| {logit:.2g}; Gram max rel. Δ {gram:.2g}; "
-              f"labels identical {same} ({int((a['labels'] != b['labels']).sum())} voxels differ, min Dice {dice:.5f}); uncertainty max|Δ| {unc:.2g}; OOD score {a['ood']:.6f} → {b['ood']:.6f} "
-              f"{'OK' if good else 'DIFFERENT'}")
+        print(
+            f"{name}: preprocessed max|Δ| {pre:.2g}; logits max|Δ| {logit:.2g}; Gram max rel. Δ {gram:.2g}; "
+            f"labels identical {same} ({int((a['labels'] != b['labels']).sum())} voxels differ, min Dice {dice:.5f}); uncertainty max|Δ| {unc:.2g}; OOD score {a['ood']:.6f} → {b['ood']:.6f} "
+            f"{'OK' if good else 'DIFFERENT'}"
+        )
     return 0 if ok else 1
 
 

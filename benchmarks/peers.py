@@ -1,4 +1,5 @@
 """The MONAI peer: what a user would otherwise run over the same network and weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,14 +19,14 @@ def agreement(ours, theirs, temperature: float) -> dict:
             dices[c] = 2.0 * int((x & y).sum()) / n
     fg_x, fg_y = a > 0, b > 0
     n_fg = int(fg_x.sum()) + int(fg_y.sum())
-    return {"dice_mean": float(np.mean(list(dices.values()))) if dices else 1.0,
-            "dice_min": float(min(dices.values())) if dices else 1.0,
-            "dice_foreground": 2.0 * int((fg_x & fg_y).sum()) / n_fg if n_fg else 1.0,
-            "voxel_agreement": float((a == b).float().mean()),
-            "max_abs_prob_diff": float((p1 - p2).abs().max()),
-            "max_abs_logit_diff": float((ours - theirs).abs().max())}
-
-
+    return {
+        "dice_mean": float(np.mean(list(dices.values()))) if dices else 1.0,
+        "dice_min": float(min(dices.values())) if dices else 1.0,
+        "dice_foreground": 2.0 * int((fg_x & fg_y).sum()) / n_fg if n_fg else 1.0,
+        "voxel_agreement": float((a == b).float().mean()),
+        "max_abs_prob_diff": float((p1 - p2).abs().max()),
+        "max_abs_logit_diff": float((ours - theirs).abs().max()),
+    }
 
 
 def monai_sliding_window(net, array: np.ndarray, window, device, **blending):
@@ -40,9 +41,16 @@ def monai_sliding_window(net, array: np.ndarray, window, device, **blending):
     gmap = torch.from_numpy(gaussian_importance(window.patch_size)).to(device)
     x = torch.from_numpy(array)[None, None].to(device)
     with torch.inference_mode(), autocast_context(device):
-        y = sliding_window_inference(x, tuple(window.patch_size), window.batch_size, lambda t: net(t)[0],
-                                     overlap=window.overlap, padding_mode="constant", cval=0.0,
-                                     **(blending or {"roi_weight_map": gmap}))
+        y = sliding_window_inference(
+            x,
+            tuple(window.patch_size),
+            window.batch_size,
+            lambda t: net(t)[0],
+            overlap=window.overlap,
+            padding_mode="constant",
+            cval=0.0,
+            **(blending or {"roi_weight_map": gmap}),
+        )
     return y[0].float().cpu()
 
 
@@ -60,8 +68,18 @@ def monai_pipeline(spec: dict) -> dict:
 
     import torch
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
-                                  SaveImaged, ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd)
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+    )
 
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.inference import gaussian_importance
@@ -74,13 +92,25 @@ def monai_pipeline(spec: dict) -> dict:
     else:
         intensity = ScaleIntensityRangePercentilesd("image", *config.mr_percentiles, b_min=0.0, b_max=1.0, clip=True)
     load = Compose([LoadImaged("image"), EnsureChannelFirstd("image")])
-    prepare = Compose([Orientationd("image", axcodes="LPS"),
-                       Spacingd("image", pixdim=tuple(config.target_spacing), mode="bilinear"), intensity])
+    prepare = Compose(
+        [
+            Orientationd("image", axcodes="LPS"),
+            Spacingd("image", pixdim=tuple(config.target_spacing), mode="bilinear"),
+            intensity,
+        ]
+    )
     invert = Invertd("pred", transform=prepare, orig_keys="image", nearest_interp=False)
     argmax = AsDiscreted("pred", argmax=True)
     out = Path(spec["out_dir"])
-    save = SaveImaged("pred", output_dir=str(out), output_postfix="monai_seg", separate_folder=False,
-                      output_dtype=np.uint8, resample=False, print_log=False)
+    save = SaveImaged(
+        "pred",
+        output_dir=str(out),
+        output_postfix="monai_seg",
+        separate_folder=False,
+        output_dtype=np.uint8,
+        resample=False,
+        print_log=False,
+    )
     roi = tuple(window.patch_size[::-1])  # MONAI's arrays are (x, y, z)
     weights = torch.from_numpy(np.ascontiguousarray(gaussian_importance(window.patch_size).transpose(2, 1, 0)))
 
@@ -95,9 +125,16 @@ def monai_pipeline(spec: dict) -> dict:
         data = prepare(data)
         stages["preprocess"], t = time.perf_counter() - t, time.perf_counter()
         with torch.inference_mode():
-            logits = sliding_window_inference(data["image"][None], roi, window.batch_size, network,
-                                              overlap=window.overlap, padding_mode="constant", cval=0.0,
-                                              roi_weight_map=weights)
+            logits = sliding_window_inference(
+                data["image"][None],
+                roi,
+                window.batch_size,
+                network,
+                overlap=window.overlap,
+                padding_mode="constant",
+                cval=0.0,
+                roi_weight_map=weights,
+            )
             stages["inference"], t = time.perf_counter() - t, time.perf_counter()
             data["pred"] = torch.softmax(logits[0], 0)
             stages["softmax"], t = time.perf_counter() - t, time.perf_counter()
@@ -121,8 +158,11 @@ def segmentation_agreement(ours_path: str, theirs_path: str, keep: list[int] | N
     import SimpleITK as sitk
 
     a = sitk.GetArrayFromImage(sitk.ReadImage(ours_path))
-    b = sitk.GetArrayFromImage(sitk.ReadImage(theirs_path)).reshape(a.shape) if \
-        np.prod(sitk.ReadImage(theirs_path).GetSize()) == a.size else None
+    b = (
+        sitk.GetArrayFromImage(sitk.ReadImage(theirs_path)).reshape(a.shape)
+        if np.prod(sitk.ReadImage(theirs_path).GetSize()) == a.size
+        else None
+    )
     if b is None:
         return {"error": "the two segmentations have different sizes"}
     if keep is not None:
@@ -133,5 +173,8 @@ def segmentation_agreement(ours_path: str, theirs_path: str, keep: list[int] | N
             continue
         x, y = a == c, b == c
         dices.append(2.0 * float((x & y).sum()) / float(x.sum() + y.sum()))
-    return {"dice_mean": float(np.mean(dices)) if dices else 1.0, "dice_min": float(min(dices)) if dices else 1.0,
-            "voxel_agreement": float((a == b).mean())}
+    return {
+        "dice_mean": float(np.mean(dices)) if dices else 1.0,
+        "dice_min": float(min(dices)) if dices else 1.0,
+        "voxel_agreement": float((a == b).mean()),
+    }

@@ -6,6 +6,7 @@ tissue, lungs in the upper slices, spine, aorta, liver, spleen and kidneys, scan
 an MR head-like phantom (skull, grey/white matter, ventricles, a bias field, magnitude noise).
 Sizes are (x, y, z) voxels, spacings (x, y, z) mm, as SimpleITK reports them.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,8 +31,9 @@ def _image(array_zyx: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
     return image
 
 
-def ct_phantom(size: Sequence[int] = (512, 512, 300), spacing: Sequence[float] = (0.7, 0.7, 1.0),
-               seed: int = 0) -> sitk.Image:
+def ct_phantom(
+    size: Sequence[int] = (512, 512, 300), spacing: Sequence[float] = (0.7, 0.7, 1.0), seed: int = 0
+) -> sitk.Image:
     """An abdomen/thorax CT in HU (int16), air (-1000) around an elliptic body."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = (int(s) for s in size)
@@ -41,13 +43,15 @@ def ct_phantom(size: Sequence[int] = (512, 512, 300), spacing: Sequence[float] =
     z_mm = (np.arange(nz) - (nz - 1) / 2) * spacing[2]
     half_z = max(nz * spacing[2] / 2, 1.0)
     # organs: (HU, centre x, centre y, centre z as a fraction of half_z, radii x, y, z as fractions of body)
-    organs = [(60, -0.35, 0.05, 0.0, 0.40, 0.50, 0.35),   # liver (patient's right = image left)
-              (45, 0.45, 0.15, 0.05, 0.16, 0.28, 0.20),   # spleen
-              (150, -0.32, 0.45, -0.25, 0.10, 0.18, 0.18),  # right kidney
-              (150, 0.32, 0.45, -0.25, 0.10, 0.18, 0.18),   # left kidney
-              (35, 0.05, 0.10, -0.10, 0.20, 0.10, 0.10)]   # pancreas
+    organs = [
+        (60, -0.35, 0.05, 0.0, 0.40, 0.50, 0.35),  # liver (patient's right = image left)
+        (45, 0.45, 0.15, 0.05, 0.16, 0.28, 0.20),  # spleen
+        (150, -0.32, 0.45, -0.25, 0.10, 0.18, 0.18),  # right kidney
+        (150, 0.32, 0.45, -0.25, 0.10, 0.18, 0.18),  # left kidney
+        (35, 0.05, 0.10, -0.10, 0.20, 0.10, 0.10),
+    ]  # pancreas
     out = np.empty((nz, ny, nx), dtype=np.int16)
-    fat_shell = ((X / body[0]) ** 2 + (Y / body[1]) ** 2)
+    fat_shell = (X / body[0]) ** 2 + (Y / body[1]) ** 2
     spine = ((X / (0.09 * body[0])) ** 2 + ((Y - 0.62 * body[1]) / (0.14 * body[1])) ** 2) < 1
     aorta = ((X - 0.05 * body[0]) ** 2 + (Y - 0.35 * body[1]) ** 2) < (0.06 * body[0]) ** 2
     for k in range(nz):
@@ -57,7 +61,9 @@ def ct_phantom(size: Sequence[int] = (512, 512, 300), spacing: Sequence[float] =
         s[fat_shell < 0.82] = 40.0
         if zf > 0.45:  # lungs in the upper part
             for side in (-1, 1):
-                lung = ((X - side * 0.45 * body[0]) / (0.33 * body[0])) ** 2 + ((Y + 0.05 * body[1]) / (0.6 * body[1])) ** 2
+                lung = ((X - side * 0.45 * body[0]) / (0.33 * body[0])) ** 2 + (
+                    (Y + 0.05 * body[1]) / (0.6 * body[1])
+                ) ** 2
                 s[lung < 1] = -850.0
         for hu, cx, cy, cz, rx, ry, rz in organs:
             dz = (zf - cz) / rz
@@ -72,8 +78,9 @@ def ct_phantom(size: Sequence[int] = (512, 512, 300), spacing: Sequence[float] =
     return _image(out, spacing)
 
 
-def mr_phantom(size: Sequence[int] = (128, 128, 128), spacing: Sequence[float] = (1.5, 1.5, 1.5),
-               seed: int = 0) -> sitk.Image:
+def mr_phantom(
+    size: Sequence[int] = (128, 128, 128), spacing: Sequence[float] = (1.5, 1.5, 1.5), seed: int = 0
+) -> sitk.Image:
     """A head-like T1 MR (int16, arbitrary scale) with bias field and magnitude noise."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = (int(s) for s in size)

@@ -7,6 +7,7 @@ Times process CPU time per step (not wall time), so the figures hold on a machin
 jobs; the default architecture, batch 2 of 64³ patches, the partial-label loss and AdamW, as
 `mtseg train` runs them. The modes alternate, so slow drifts hit all of them alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,12 @@ import torch
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
 from MultiTaskSegTraining.losses import partial_label_loss
 
-MODES = {"fp32": (False, False), "bf16": (True, False), "fp32 channels-last": (False, True),
-         "bf16 channels-last": (True, True)}
+MODES = {
+    "fp32": (False, False),
+    "bf16": (True, False),
+    "fp32 channels-last": (False, True),
+    "bf16 channels-last": (True, True),
+}
 
 
 def cpu_seconds_per_step(bf16: bool, channels_last: bool, steps: int) -> float:

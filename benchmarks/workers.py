@@ -1,4 +1,5 @@
 """Worker processes: one benchmark case, or the training throughput, in a fresh process each."""
+
 from __future__ import annotations
 
 import gc
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import median
+from .summary import median
 
 
 def _peak_rss_mb() -> float:
@@ -40,9 +41,16 @@ def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object,
         t_unc = time.perf_counter() - t
         (out / "report.json").write_text(json.dumps(prediction.report(), indent=2), encoding="utf-8")
         total = time.perf_counter() - t0
-        runs.append({"load": t_load, **{k: float(v) for k, v in prediction.timings_s.items() if k != "total"},
-                     "write_seg": t_seg, "write_uncertainty": t_unc, "total": total,
-                     "cpu_total": time.process_time() - c0})
+        runs.append(
+            {
+                "load": t_load,
+                **{k: float(v) for k, v in prediction.timings_s.items() if k != "total"},
+                "write_seg": t_seg,
+                "write_uncertainty": t_unc,
+                "total": total,
+                "cpu_total": time.process_time() - c0,
+            }
+        )
         modality = prediction.modality
         del prediction
     return runs, image, modality
@@ -54,7 +62,7 @@ def _interleaved(variants: list[tuple], repeats: int) -> tuple[dict, dict, dict]
     cpu: dict[str, list[float]] = {name: [] for name, _ in variants}
     values: dict = {}
     for r in range(repeats):
-        for name, fn in (variants if r % 2 == 0 else variants[::-1]):
+        for name, fn in variants if r % 2 == 0 else variants[::-1]:
             values.pop(name, None)
             gc.collect()
             t, c = time.perf_counter(), time.process_time()
@@ -74,8 +82,10 @@ def _compare_sliding_windows(spec: dict, predictor, bundle, pre, result: dict) -
     model, taps = predictor.model, predictor.detector.layers
     plain_model = bundle.load_model(device)  # unprepared: PyTorch's standard layers, contiguous weights
     bf16_window = WindowConfig(window.patch_size, window.overlap, window.batch_size, cpu_bf16=True)
-    variants = [("ours", lambda: sliding_window(model, pre.array, window, device, taps)),
-                ("monai", lambda: monai_sliding_window(plain_model, pre.array, window, device))]
+    variants = [
+        ("ours", lambda: sliding_window(model, pre.array, window, device, taps)),
+        ("monai", lambda: monai_sliding_window(plain_model, pre.array, window, device)),
+    ]
     if device.type == "cpu":  # MONAI's sliding window over our CPU inference kernels
         variants.append(("monai_our_kernels", lambda: monai_sliding_window(model, pre.array, window, device)))
     if spec.get("bf16", True) and device.type == "cpu":
@@ -106,11 +116,15 @@ def _compare_sliding_windows(spec: dict, predictor, bundle, pre, result: dict) -
         result["agreement_bf16_vs_monai"] = agreement(half.logits, other, temperature)
         result["agreement_bf16_vs_ours"] = agreement(half.logits, mine.logits, temperature)
         result["bf16_ood"] = {
-            "gram_max_rel_diff": max(float(np.abs(half.gram[k] - mine.gram[k]).max() / np.abs(mine.gram[k]).max())
-                                     for k in mine.gram),
+            "gram_max_rel_diff": max(
+                float(np.abs(half.gram[k] - mine.gram[k]).max() / np.abs(mine.gram[k]).max()) for k in mine.gram
+            ),
             "signature_distance": float(np.linalg.norm(sig16 - sig32)),
-            "score_fp32": score32.score, "score_bf16": score16.score, "threshold": score32.threshold,
-            "same_decision": score32.is_ood == score16.is_ood}
+            "score_fp32": score32.score,
+            "score_bf16": score16.score,
+            "threshold": score32.threshold,
+            "same_decision": score32.is_ood == score16.is_ood,
+        }
 
 
 def run_case_worker(spec: dict) -> dict:
@@ -131,7 +145,9 @@ def run_case_worker(spec: dict) -> dict:
     runs, image, result["modality"] = _time_predict(spec, predictor, out)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     if bundle.meta.get("inference", {}).get("restrict_to_context"):  # the peer is compared on the same labels
-        result["context_labels"] = [int(v) for v in bundle.contexts[bundle.context_names.index(report["context"])]["labels"]]
+        result["context_labels"] = [
+            int(v) for v in bundle.contexts[bundle.context_names.index(report["context"])]["labels"]
+        ]
     result["seg_path"] = str(out / "seg.nii.gz")
     result["input_size"] = list(image.GetSize())
     result["input_spacing"] = [round(s, 3) for s in image.GetSpacing()]
@@ -158,7 +174,6 @@ def run_training_worker(spec: dict) -> dict:
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.network import ResidualUNet3D
     from MultiTaskSegLib.preprocessing import preprocess
-
     from MultiTaskSegTraining.data import CachedCase
     from MultiTaskSegTraining.losses import partial_label_loss
     from MultiTaskSegTraining.sampling import PatchSampler, augment
@@ -173,8 +188,9 @@ def run_training_worker(spec: dict) -> dict:
     for i, (make, size) in enumerate([(ct_phantom, (192, 192, 120)), (mr_phantom, (128, 128, 96))]):
         pre = preprocess(make(size, (1.5, 1.5, 1.5), seed=i), bundle.preprocessing)
         label = (pre.array > np.percentile(pre.array, 70)).astype(np.uint8)
-        cases.append(CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label,
-                                tuple(np.array(pre.array.shape) * 2.0)))
+        cases.append(
+            CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label, tuple(np.array(pre.array.shape) * 2.0))
+        )
     sampler = PatchSampler(cases, 2, patch, seed=0)
     rng = np.random.default_rng(0)
     model = ResidualUNet3D(config).train()
@@ -196,11 +212,17 @@ def run_training_worker(spec: dict) -> dict:
             data_s.append(t1 - t0)
             step_s.append(t2 - t0)
     total = sum(step_s)
-    return {"patch": list(patch), "batch": batch, "steps": spec["steps"], "threads": torch.get_num_threads(),
-            "patches_per_s": batch * len(step_s) / total if total else float("nan"),
-            "data_fraction": sum(data_s) / total if total else float("nan"),
-            "median_step_s": median(step_s), "median_data_s": median(data_s),
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "patch": list(patch),
+        "batch": batch,
+        "steps": spec["steps"],
+        "threads": torch.get_num_threads(),
+        "patches_per_s": batch * len(step_s) / total if total else float("nan"),
+        "data_fraction": sum(data_s) / total if total else float("nan"),
+        "median_step_s": median(step_s),
+        "median_data_s": median(data_s),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def worker_main(spec_path: str) -> int:
@@ -210,16 +232,18 @@ def worker_main(spec_path: str) -> int:
         result = run_training_worker(spec)
     elif spec["kind"] == "monai_pipeline":
         from .peers import monai_pipeline, segmentation_agreement
+
         if spec.get("threads"):
             import torch
+
             torch.set_num_threads(int(spec["threads"]))
         result = monai_pipeline(spec)
         result["peak_rss_mb"] = _peak_rss_mb()
         result["agreement"] = segmentation_agreement(spec["ours_seg"], result["seg_path"], spec.get("keep"))
     else:
         from MultiTaskSegLib.inference import allow_malloc_tuning
+
         allow_malloc_tuning()  # as `mtseg predict` runs (its process is its own)
         result = run_case_worker(spec)
     Path(spec["result"]).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
-

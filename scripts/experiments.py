@@ -7,6 +7,7 @@ Every arm uses configs/arms.yaml (same architecture, budget and seeded split). T
 pre-train on the other datasets for the same budget, then fine-tune the whole network on the
 target for the same budget again. Finished arms are skipped, so the script can be rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,16 @@ def main() -> None:
         bundle = args.out / name
         log = args.out / f"{name}.log"
         if args.stage in ("train", "all") and not (bundle / "bundle.json").exists():
-            cmd = MTSEG + ["train", *data, "--config", args.config, "-o", bundle, "--work-dir", args.out / f"{name}_work"]
+            cmd = MTSEG + [
+                "train",
+                *data,
+                "--config",
+                args.config,
+                "-o",
+                bundle,
+                "--work-dir",
+                args.out / f"{name}_work",
+            ]
             if (args.out / f"{name}_work" / "checkpoint.pt").exists():
                 cmd.append("--resume")
             if "init" in extra:
@@ -61,12 +71,34 @@ def main() -> None:
         if args.stage in ("evaluate", "all") and not (bundle / "bundle.json").exists():
             print(f"{name}: not trained yet, skipped", flush=True)
             continue
-        if args.stage in ("evaluate", "all") and not name.startswith("pretrain") \
-                and not (args.out / f"{name}_eval" / "metrics.json").exists():
+        if (
+            args.stage in ("evaluate", "all")
+            and not name.startswith("pretrain")
+            and not (args.out / f"{name}_eval" / "metrics.json").exists()
+        ):
             # segmentation and calibration only: the OOD comparison is made on the shipped model
-            run(MTSEG + ["evaluate", "--bundle", bundle, "--data", *data, "--output-dir", args.out / f"{name}_eval",
-                         "--mc-dropout", "0", "--size-control-cases", "0", "--max-train-cases", "2",
-                         "--threads", "1", "--quiet"], log)
+            run(
+                MTSEG
+                + [
+                    "evaluate",
+                    "--bundle",
+                    bundle,
+                    "--data",
+                    *data,
+                    "--output-dir",
+                    args.out / f"{name}_eval",
+                    "--mc-dropout",
+                    "0",
+                    "--size-control-cases",
+                    "0",
+                    "--max-train-cases",
+                    "2",
+                    "--threads",
+                    "1",
+                    "--quiet",
+                ],
+                log,
+            )
 
 
 if __name__ == "__main__":

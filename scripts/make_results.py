@@ -6,6 +6,7 @@
 Inputs: `mtseg evaluate` outputs of the comparison arms (scripts/experiments.py) and of the
 shipped default model; it also draws one example figure per context with the default model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,19 @@ def arm_structures(m: dict | None, ctx: str) -> dict:
 
 def comparison_section(arms: Path) -> tuple[list[str], dict]:
     joint = load(arms / "joint_eval")
-    out = ["## 1. Joint vs dedicated vs transfer learning (test split, common budget)", "",
-           "Same architecture, same seeded patient-level split, same budget for every arm "
-           "(`configs/arms.yaml`: 400 steps of batch 2 with 32³ patches at 2 mm — far smaller than the "
-           "shipped model's). Transfer = pre-train on the other four datasets for 400 steps, then "
-           "fine-tune the whole network on the target for 400 steps. Dice on the original image grid, "
-           "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is with the output restricted "
-           "to the recognised context (the deployed behaviour); unrestricted in brackets.", "",
-           "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## 1. Joint vs dedicated vs transfer learning (test split, common budget)",
+        "",
+        "Same architecture, same seeded patient-level split, same budget for every arm "
+        "(`configs/arms.yaml`: 400 steps of batch 2 with 32³ patches at 2 mm — far smaller than the "
+        "shipped model's). Transfer = pre-train on the other four datasets for 400 steps, then "
+        "fine-tune the whole network on the target for 400 steps. Dice on the original image grid, "
+        "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is with the output restricted "
+        "to the recognised context (the deployed behaviour); unrestricted in brackets.",
+        "",
+        "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     wins = {"joint>dedicated": 0, "dedicated>joint": 0, "transfer>dedicated": 0, "dedicated>transfer": 0}
     summary = {}
     for ctx in DATASETS:
@@ -66,36 +71,53 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
             t = arm_structures(tra, ctx).get(name)
             jcell = dice_cell(jr) + (f" ({ju['dice']['mean']:.3f})" if ju and ju["dice"]["mean"] is not None else "")
             jh = js.get("hd95_mm_restricted", {}).get(name, {}).get("mean")
-            out.append(f"| {ctx} | {name} | {jcell} | {dice_cell(d)} | {dice_cell(t) if t else 'not run'} | "
-                       f"{fmt(jh, 1)} | {fmt(d['hd95_mm']['mean'], 1)} | {fmt(t['hd95_mm']['mean'], 1) if t else '–'} |")
+            out.append(
+                f"| {ctx} | {name} | {jcell} | {dice_cell(d)} | {dice_cell(t) if t else 'not run'} | "
+                f"{fmt(jh, 1)} | {fmt(d['hd95_mm']['mean'], 1)} | {fmt(t['hd95_mm']['mean'], 1) if t else '–'} |"
+            )
             dj, dd = (jr or {}).get("mean"), d["dice"]["mean"]
             if dj is not None and dd is not None:
                 wins["joint>dedicated" if dj > dd else "dedicated>joint"] += 1
             if t and t["dice"]["mean"] is not None and dd is not None:
                 wins["transfer>dedicated" if t["dice"]["mean"] > dd else "dedicated>transfer"] += 1
             summary[(ctx, name)] = (dj, dd, t["dice"]["mean"] if t else None)
-    out += ["", f"Joint (restricted) beats dedicated on **{wins['joint>dedicated']}** of "
-            f"{wins['joint>dedicated'] + wins['dedicated>joint']} structures; transfer beats dedicated on "
-            f"**{wins['transfer>dedicated']}** of {wins['transfer>dedicated'] + wins['dedicated>transfer']} "
-            "structures where it was run.", ""]
+    out += [
+        "",
+        f"Joint (restricted) beats dedicated on **{wins['joint>dedicated']}** of "
+        f"{wins['joint>dedicated'] + wins['dedicated>joint']} structures; transfer beats dedicated on "
+        f"**{wins['transfer>dedicated']}** of {wins['transfer>dedicated'] + wins['dedicated>transfer']} "
+        "structures where it was run.",
+        "",
+    ]
     if joint:
-        out += ["Context recognition of the joint arm on the test cases: head "
-                f"{fmt(joint['context_recognition'].get('head'))}, nearest signature "
-                f"{fmt(joint['context_recognition'].get('signature'))}. Share of predicted foreground voxels that "
-                "carry another context's structure (unrestricted output): " +
-                ", ".join(f"{c} {fmt(joint['contexts'][c]['confusion_rate']['pooled'])}" for c in DATASETS
-                          if c in joint['contexts']) + ".", ""]
+        out += [
+            "Context recognition of the joint arm on the test cases: head "
+            f"{fmt(joint['context_recognition'].get('head'))}, nearest signature "
+            f"{fmt(joint['context_recognition'].get('signature'))}. Share of predicted foreground voxels that "
+            "carry another context's structure (unrestricted output): "
+            + ", ".join(
+                f"{c} {fmt(joint['contexts'][c]['confusion_rate']['pooled'])}"
+                for c in DATASETS
+                if c in joint["contexts"]
+            )
+            + ".",
+            "",
+        ]
     return out, summary
 
 
 def calibration_section(arms: Path, default: dict | None) -> list[str]:
-    out = ["## 2. Calibration (test split)", "",
-           "ECE and MCE (10 equal-width bins) of each structure's foreground probability, on the canonical "
-           "2 mm grid against the nearest-neighbour-resampled label, pooled over the context's test cases; "
-           "*boundary* = voxels within 2 voxels of the predicted boundary. Mean over the context's structures. "
-           "Before (T=1) and after temperature scaling (T fitted on the validation split).", "",
-           "| model | context | ECE T=1 | ECE T=fit | MCE T=1 | MCE T=fit | boundary ECE T=1 | boundary ECE T=fit | T |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## 2. Calibration (test split)",
+        "",
+        "ECE and MCE (10 equal-width bins) of each structure's foreground probability, on the canonical "
+        "2 mm grid against the nearest-neighbour-resampled label, pooled over the context's test cases; "
+        "*boundary* = voxels within 2 voxels of the predicted boundary. Mean over the context's structures. "
+        "Before (T=1) and after temperature scaling (T fitted on the validation split).",
+        "",
+        "| model | context | ECE T=1 | ECE T=fit | MCE T=1 | MCE T=fit | boundary ECE T=1 | boundary ECE T=fit | T |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     sources = [("joint arm", load(arms / "joint_eval"), None)]
     sources += [("dedicated arm", load(arms / f"dedicated_{c}_eval"), c) for c in DATASETS]
     sources += [("shipped default", default, None)]
@@ -111,9 +133,12 @@ def calibration_section(arms: Path, default: dict | None) -> list[str]:
             def mean(key, field, c=c):
                 vals = [v[field] for v in c["calibration"][key].values() if v.get(field) is not None]
                 return float(np.mean(vals)) if vals else None
-            out.append(f"| {label} | {ctx} | {fmt(mean(before, 'ece'), 4)} | {fmt(mean(after, 'ece'), 4)} | "
-                       f"{fmt(mean(before, 'mce'))} | {fmt(mean(after, 'mce'))} | {fmt(mean(before, 'ece_boundary'))} | "
-                       f"{fmt(mean(after, 'ece_boundary'))} | {fmt(m['temperature'])} |")
+
+            out.append(
+                f"| {label} | {ctx} | {fmt(mean(before, 'ece'), 4)} | {fmt(mean(after, 'ece'), 4)} | "
+                f"{fmt(mean(before, 'mce'))} | {fmt(mean(after, 'mce'))} | {fmt(mean(before, 'ece_boundary'))} | "
+                f"{fmt(mean(after, 'ece_boundary'))} | {fmt(m['temperature'])} |"
+            )
     out += ["", "Reliability diagrams of the shipped model: `docs/figures/reliability_<context>.png`.", ""]
     return out
 
@@ -122,29 +147,54 @@ def ood_section(m: dict | None) -> list[str]:
     if not m:
         return ["## 3. OOD detection", "", "(the default model's evaluation was not found)", ""]
     o = m["ood"]
-    out = ["## 3. Out-of-distribution detection (shipped default model)", "",
-           f"In-distribution: the {o['n_in_distribution']} test cases of the five datasets; OOD: the "
-           f"{o['n_ood']} volumes of `ood-dev/`. OOD is the positive class; higher score = more OOD.", "",
-           "| detector | AUROC | FPR at 95 % TPR | n in-dist / OOD |", "|---|---|---|---|"]
+    out = [
+        "## 3. Out-of-distribution detection (shipped default model)",
+        "",
+        f"In-distribution: the {o['n_in_distribution']} test cases of the five datasets; OOD: the "
+        f"{o['n_ood']} volumes of `ood-dev/`. OOD is the positive class; higher score = more OOD.",
+        "",
+        "| detector | AUROC | FPR at 95 % TPR | n in-dist / OOD |",
+        "|---|---|---|---|",
+    ]
     for name, d in sorted(o["detectors"].items(), key=lambda kv: -(kv[1]["auroc"] or 0)):
-        out.append(f"| {name} | {fmt(d['auroc'])} | {fmt(d['fpr_at_95_tpr'])} | {d['n_in_distribution']} / {d['n_ood']} |")
-    out += ["", f"At the shipped threshold ({fmt(o['threshold'], 4)}, {o['detector']}):", "",
-            "| context | training cases | test cases | false-alarm rate |", "|---|---|---|---|"]
+        out.append(
+            f"| {name} | {fmt(d['auroc'])} | {fmt(d['fpr_at_95_tpr'])} | {d['n_in_distribution']} / {d['n_ood']} |"
+        )
+    out += [
+        "",
+        f"At the shipped threshold ({fmt(o['threshold'], 4)}, {o['detector']}):",
+        "",
+        "| context | training cases | test cases | false-alarm rate |",
+        "|---|---|---|---|",
+    ]
     for ctx, c in m["contexts"].items():
         out.append(f"| {ctx} | {c.get('n_training_cases')} | {c['n_cases']} | {fmt(c['false_alarm_rate'], 2)} |")
     flagged = [r for r in o["cases"] if r["ood"]]
-    out += ["", "OOD volumes flagged at the threshold: " +
-            ", ".join(f"{Path(r['case']).name} ({'yes' if r['spectral_is_ood'] else 'no'}, resembles "
-                      f"{r['nearest_context']})" for r in flagged) + ".", ""]
-    out += ["**Size control.** Raw singular values grow with the number of voxels; this project's "
-            "signature divides the feature matrix by √voxels (the spectrum of the feature covariance), so "
-            "image size alone should not move the score. The `size_control` detector above sees only the "
-            "image's size, extent and spacing. Test cases re-scored after cropping to the central 50 % per "
-            "axis and padding to 2× per axis:", "",
-            "| case | context | variant | size | score | flagged |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "OOD volumes flagged at the threshold: "
+        + ", ".join(
+            f"{Path(r['case']).name} ({'yes' if r['spectral_is_ood'] else 'no'}, resembles {r['nearest_context']})"
+            for r in flagged
+        )
+        + ".",
+        "",
+    ]
+    out += [
+        "**Size control.** Raw singular values grow with the number of voxels; this project's "
+        "signature divides the feature matrix by √voxels (the spectrum of the feature covariance), so "
+        "image size alone should not move the score. The `size_control` detector above sees only the "
+        "image's size, extent and spacing. Test cases re-scored after cropping to the central 50 % per "
+        "axis and padding to 2× per axis:",
+        "",
+        "| case | context | variant | size | score | flagged |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in m["size_control"]:
-        out.append(f"| {r['case']} | {r['context']} | {r['variant']} | {'×'.join(map(str, r['size']))} | "
-                   f"{fmt(r['score'])} | {'yes' if r['is_ood'] else 'no'} |")
+        out.append(
+            f"| {r['case']} | {r['context']} | {r['variant']} | {'×'.join(map(str, r['size']))} | "
+            f"{fmt(r['score'])} | {'yes' if r['is_ood'] else 'no'} |"
+        )
     out += ["", "![PCA of signatures](figures/signatures_pca.png)", "", "![ROC](figures/ood_roc.png)", ""]
     return out
 
@@ -152,16 +202,27 @@ def ood_section(m: dict | None) -> list[str]:
 def default_section(m: dict | None) -> list[str]:
     if not m:
         return []
-    out = ["## 4. The shipped default model on the test split", "",
-           "| context | structure | Dice (restricted) | Dice (unrestricted) | HD95 mm (restricted) |",
-           "|---|---|---|---|---|"]
+    out = [
+        "## 4. The shipped default model on the test split",
+        "",
+        "| context | structure | Dice (restricted) | Dice (unrestricted) | HD95 mm (restricted) |",
+        "|---|---|---|---|---|",
+    ]
     for ctx, c in m["contexts"].items():
         for name, s in c["structures"].items():
-            out.append(f"| {ctx} | {name} | {dice_cell(c['dice_restricted'].get(name))} | {dice_cell(s)} | "
-                       f"{fmt(c['hd95_mm_restricted'].get(name, {}).get('mean'), 1)} |")
-    out += ["", f"Context recognition: head {fmt(m['context_recognition'].get('head'))}, nearest signature "
-            f"{fmt(m['context_recognition'].get('signature'))}.", "", "Example per context (image, segmentation, "
-            "uncertainty), test cases: " + " ".join(f"![{c}](figures/example_{c}.png)" for c in m["contexts"]), ""]
+            out.append(
+                f"| {ctx} | {name} | {dice_cell(c['dice_restricted'].get(name))} | {dice_cell(s)} | "
+                f"{fmt(c['hd95_mm_restricted'].get(name, {}).get('mean'), 1)} |"
+            )
+    out += [
+        "",
+        f"Context recognition: head {fmt(m['context_recognition'].get('head'))}, nearest signature "
+        f"{fmt(m['context_recognition'].get('signature'))}.",
+        "",
+        "Example per context (image, segmentation, "
+        "uncertainty), test cases: " + " ".join(f"![{c}](figures/example_{c}.png)" for c in m["contexts"]),
+        "",
+    ]
     return out
 
 
@@ -172,6 +233,7 @@ def example_figures(m: dict | None, data: Path, figures: Path) -> None:
     from MultiTaskSegLib.predictor import Predictor
     from MultiTaskSegLib.volume_io import read_volume
     from MultiTaskSegTraining.snapshot import write_overlay_png
+
     bundle = load_bundle(m["bundle"])
     predictor = Predictor(bundle, "cpu")
     colors = {int(l["value"]): l["color"] for l in bundle.labels}
@@ -182,8 +244,15 @@ def example_figures(m: dict | None, data: Path, figures: Path) -> None:
             continue
         image = read_volume(path)
         p = predictor.predict(image)
-        write_overlay_png(image, p.labels, p.uncertainty, colors, p.label_names, figures / f"example_{ctx}.png",
-                          f"{ctx} test case {case}: recognised {p.context}, OOD score {p.ood.score:.3f}")
+        write_overlay_png(
+            image,
+            p.labels,
+            p.uncertainty,
+            colors,
+            p.label_names,
+            figures / f"example_{ctx}.png",
+            f"{ctx} test case {case}: recognised {p.context}, OOD score {p.ood.score:.3f}",
+        )
 
 
 def main() -> None:
@@ -204,11 +273,16 @@ def main() -> None:
                 shutil.copy(src, figures / plot)
     if not args.no_examples:
         example_figures(default, args.data, figures)
-    head = ["# Results", "", "Generated by `python scripts/make_results.py` from `mtseg evaluate` outputs "
-            "(`scripts/experiments.py` for the comparison arms; `mtseg evaluate --bundle "
-            "MultiTaskSeg/Resources/Models/default ...` for the shipped model, see the end of this page). "
-            "All numbers are measured on the held-out test split of the seeded patient-level split "
-            "(seed 0: 20 % test, 10 % validation per dataset); nothing was tuned on test cases.", ""]
+    head = [
+        "# Results",
+        "",
+        "Generated by `python scripts/make_results.py` from `mtseg evaluate` outputs "
+        "(`scripts/experiments.py` for the comparison arms; `mtseg evaluate --bundle "
+        "MultiTaskSeg/Resources/Models/default ...` for the shipped model, see the end of this page). "
+        "All numbers are measured on the held-out test split of the seeded patient-level split "
+        "(seed 0: 20 % test, 10 % validation per dataset); nothing was tuned on test cases.",
+        "",
+    ]
     comp, _ = comparison_section(args.arms)
     body = head + comp + calibration_section(args.arms, default) + ood_section(default) + default_section(default)
     for extra in ("results_notes.md", "results_trust.md"):  # hand-written sections (trust: from `mtseg trust`)

@@ -5,6 +5,7 @@
 
 Also stores the headline test metrics in bundle.json's `metrics` (bundle.json is not hashed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,22 @@ from MultiTaskSegLib.atomic import write_text_atomic
 
 PROVENANCE = {
     "CardiacCineMR": ("ACDC cine bSSFP MR (30 patients × ED/ES), manual labels", "CC BY-NC-SA 4.0 (non-commercial)"),
-    "LeftAtriumMR": ("2018 Atrial Segmentation Challenge LGE MR (20 cases, UA-MT preprocessing), manual labels",
-                     "challenge terms, research use only"),
-    "AbdomenCT": ("3D-IRCADb-01 (2 patients, manual masks) + TotalSegmentator example CTs (2, model pseudo-labels)",
-                  "IRCADb CC BY-NC-ND 4.0 (non-commercial, no derivatives); TotalSegmentator Apache-2.0"),
-    "BrainTumorMR": ("BraTS 2015 FLAIR via DeepMedic (6) + BraTS 2021 (1, oedema-only label), manual labels",
-                     "CC BY-NC-SA 3.0 / BraTS terms (non-commercial)"),
-    "BrainStructuresMR": ("voxelmorph test scan + a FreeSurfer subject (niivue demos), FreeSurfer automated labels",
-                          "Apache-2.0 / BSD-2-Clause; scan provenance not stated"),
+    "LeftAtriumMR": (
+        "2018 Atrial Segmentation Challenge LGE MR (20 cases, UA-MT preprocessing), manual labels",
+        "challenge terms, research use only",
+    ),
+    "AbdomenCT": (
+        "3D-IRCADb-01 (2 patients, manual masks) + TotalSegmentator example CTs (2, model pseudo-labels)",
+        "IRCADb CC BY-NC-ND 4.0 (non-commercial, no derivatives); TotalSegmentator Apache-2.0",
+    ),
+    "BrainTumorMR": (
+        "BraTS 2015 FLAIR via DeepMedic (6) + BraTS 2021 (1, oedema-only label), manual labels",
+        "CC BY-NC-SA 3.0 / BraTS terms (non-commercial)",
+    ),
+    "BrainStructuresMR": (
+        "voxelmorph test scan + a FreeSurfer subject (niivue demos), FreeSurfer automated labels",
+        "Apache-2.0 / BSD-2-Clause; scan provenance not stated",
+    ),
 }
 
 
@@ -39,47 +48,75 @@ def main() -> None:
     meta = json.loads((args.bundle / "bundle.json").read_text(encoding="utf-8"))
     m = json.loads((args.metrics / "metrics.json").read_text(encoding="utf-8")) if args.metrics else None
     tr = meta["training"]
-    lines = ["# Model card: MultiTaskSeg default joint model", "",
-             f"One 3D residual U-Net ({meta['architecture']['widths']} channels, dropout "
-             f"{meta['architecture']['dropout']}, context head) trained jointly on five datasets; given only an "
-             "image it recognises the context and segments that context's structures, with a calibrated "
-             "uncertainty map and a spectral OOD score.", "",
-             "## Contexts and structures", "", "| context | modality | region | structures | training cases |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Model card: MultiTaskSeg default joint model",
+        "",
+        f"One 3D residual U-Net ({meta['architecture']['widths']} channels, dropout "
+        f"{meta['architecture']['dropout']}, context head) trained jointly on five datasets; given only an "
+        "image it recognises the context and segments that context's structures, with a calibrated "
+        "uncertainty map and a spectral OOD score.",
+        "",
+        "## Contexts and structures",
+        "",
+        "| context | modality | region | structures | training cases |",
+        "|---|---|---|---|---|",
+    ]
     names = {l["value"]: l["name"] for l in meta["labels"]}
     for c in meta["contexts"]:
-        lines.append(f"| {c['name']} | {c['modality']} | {c['region']} | "
-                     f"{', '.join(f'{v} {names[v]}' for v in c['labels'])} | {c['n_training_cases']} |")
-    lines += ["", "## Training data (provenance and licences)", "",
-              "| dataset | content | licence | sha256 (of listing) |", "|---|---|---|---|"]
+        lines.append(
+            f"| {c['name']} | {c['modality']} | {c['region']} | "
+            f"{', '.join(f'{v} {names[v]}' for v in c['labels'])} | {c['n_training_cases']} |"
+        )
+    lines += [
+        "",
+        "## Training data (provenance and licences)",
+        "",
+        "| dataset | content | licence | sha256 (of listing) |",
+        "|---|---|---|---|",
+    ]
     for d in tr["datasets"]:
         what, lic = PROVENANCE.get(d["name"], ("", ""))
         lines.append(f"| {d['name']} | {what} | {lic} | `{d['sha256'][:16]}…` |")
-    lines += ["", "**Several training sets are non-commercial (ACDC, LA challenge, BraTS, IRCADb) and IRCADb is "
-              "also no-derivatives: use this model for research only.** Geometry of ACDC, LA and voxelmorph is "
-              "nominal; TotalSegmentator labels and BrainStructures labels are model-generated.", "",
-              "## Training", "",
-              f"`mtseg train --config configs/default_joint.yaml -o MultiTaskSeg/Resources/Models/default` — "
-              f"{tr['steps']} steps ({tr['minutes']} min on a 2-core CPU, 1 thread), seed {tr['seed']}, "
-              f"code revision `{tr['code_revision'][:10]}`, torch {tr['torch']}. Partial-label marginal loss "
-              "(CE + soft Dice), AdamW with warm-up and cosine decay, datasets sampled ∝ √cases, 50 % foreground "
-              "patches, rotation/scaling/intensity/noise/low-resolution augmentation. Split (patient level, "
-              "seed 0): " + "; ".join(f"{k} {len(v['train'])}/{len(v['val'])}/{len(v['test'])}"
-                                      for k, v in tr["split"].items()) + " (train/val/test)." +
-              (f" {args.note}" if args.note else ""), "",
-              "## Preprocessing", "",
-              f"Resampled to {meta['preprocessing']['target_spacing']} mm on an identity-direction (LPS) grid; CT "
-              "(detected from intensities) clipped to [-200, 300] HU, MR clipped to its 0.5–99.5 percentiles, both "
-              f"scaled to [0, 1]. Sliding window {meta['preprocessing']['patch_size']} voxels, overlap "
-              f"{meta['preprocessing']['overlap']}, Gaussian blending.", "",
-              "## Calibration and OOD detection", "",
-              f"Temperature {meta['calibration']['temperature']:.3f}, fitted on the validation split. OOD: "
-              f"{meta['ood']['signature']}, layers {meta['ood']['layers']}; score = distance to the nearest of "
-              f"{'the'} training signatures (each training case plus {meta['ood'].get('signature_augmentations', 0)} "
-              f"crop/contrast variants); threshold {meta['ood']['threshold']:.4f} = {meta['ood']['threshold_rule']}."]
+    lines += [
+        "",
+        "**Several training sets are non-commercial (ACDC, LA challenge, BraTS, IRCADb) and IRCADb is "
+        "also no-derivatives: use this model for research only.** Geometry of ACDC, LA and voxelmorph is "
+        "nominal; TotalSegmentator labels and BrainStructures labels are model-generated.",
+        "",
+        "## Training",
+        "",
+        f"`mtseg train --config configs/default_joint.yaml -o MultiTaskSeg/Resources/Models/default` — "
+        f"{tr['steps']} steps ({tr['minutes']} min on a 2-core CPU, 1 thread), seed {tr['seed']}, "
+        f"code revision `{tr['code_revision'][:10]}`, torch {tr['torch']}. Partial-label marginal loss "
+        "(CE + soft Dice), AdamW with warm-up and cosine decay, datasets sampled ∝ √cases, 50 % foreground "
+        "patches, rotation/scaling/intensity/noise/low-resolution augmentation. Split (patient level, "
+        "seed 0): "
+        + "; ".join(f"{k} {len(v['train'])}/{len(v['val'])}/{len(v['test'])}" for k, v in tr["split"].items())
+        + " (train/val/test)."
+        + (f" {args.note}" if args.note else ""),
+        "",
+        "## Preprocessing",
+        "",
+        f"Resampled to {meta['preprocessing']['target_spacing']} mm on an identity-direction (LPS) grid; CT "
+        "(detected from intensities) clipped to [-200, 300] HU, MR clipped to its 0.5–99.5 percentiles, both "
+        f"scaled to [0, 1]. Sliding window {meta['preprocessing']['patch_size']} voxels, overlap "
+        f"{meta['preprocessing']['overlap']}, Gaussian blending.",
+        "",
+        "## Calibration and OOD detection",
+        "",
+        f"Temperature {meta['calibration']['temperature']:.3f}, fitted on the validation split. OOD: "
+        f"{meta['ood']['signature']}, layers {meta['ood']['layers']}; score = distance to the nearest of "
+        f"{'the'} training signatures (each training case plus {meta['ood'].get('signature_augmentations', 0)} "
+        f"crop/contrast variants); threshold {meta['ood']['threshold']:.4f} = {meta['ood']['threshold_rule']}.",
+    ]
     if m:
-        lines += ["", "## Test-split performance (held-out cases)", "",
-                  "| context | structure | Dice | HD95 (mm) | ECE (T=fit) | MCE (T=fit) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Test-split performance (held-out cases)",
+            "",
+            "| context | structure | Dice | HD95 (mm) | ECE (T=fit) | MCE (T=fit) |",
+            "|---|---|---|---|---|---|",
+        ]
         headline = {}
         for ctx, c in m["contexts"].items():
             key = list(c["calibration"].keys())[-1]
@@ -87,28 +124,42 @@ def main() -> None:
                 d = c["dice_restricted"][name]
                 h = c["hd95_mm_restricted"][name]
                 cal = c["calibration"][key].get(name, {})
-                lines.append(f"| {ctx} | {name} | {fmt(d['mean'])} (n={d['n']}) | {fmt(h['mean'], 1)} | "
-                             f"{fmt(cal.get('ece'), 4)} | {fmt(cal.get('mce'))} |")
+                lines.append(
+                    f"| {ctx} | {name} | {fmt(d['mean'])} (n={d['n']}) | {fmt(h['mean'], 1)} | "
+                    f"{fmt(cal.get('ece'), 4)} | {fmt(cal.get('mce'))} |"
+                )
                 headline[f"{ctx}/{name}"] = {"dice": d["mean"], "hd95_mm": h["mean"], "ece": cal.get("ece")}
         o = m["ood"]["detectors"]
-        lines += ["", "OOD detection on ood-dev (8 volumes) vs the test cases: " +
-                  ", ".join(f"{k} AUROC {fmt(v['auroc'])}" for k, v in o.items()) + ".",
-                  "False alarms at the threshold per context: " +
-                  ", ".join(f"{k} {fmt(c['false_alarm_rate'], 2)}" for k, c in m["contexts"].items()) + "."]
-        meta["metrics"] = {"test": headline, "ood_auroc": {k: v["auroc"] for k, v in o.items()},
-                           "source": "mtseg evaluate (docs/RESULTS.md)"}
+        lines += [
+            "",
+            "OOD detection on ood-dev (8 volumes) vs the test cases: "
+            + ", ".join(f"{k} AUROC {fmt(v['auroc'])}" for k, v in o.items())
+            + ".",
+            "False alarms at the threshold per context: "
+            + ", ".join(f"{k} {fmt(c['false_alarm_rate'], 2)}" for k, c in m["contexts"].items())
+            + ".",
+        ]
+        meta["metrics"] = {
+            "test": headline,
+            "ood_auroc": {k: v["auroc"] for k, v in o.items()},
+            "source": "mtseg evaluate (docs/RESULTS.md)",
+        }
         write_text_atomic(args.bundle / "bundle.json", json.dumps(meta, indent=2))
-    lines += ["", "## Intended use and limitations", "",
-              "- Research and demonstration of joint multi-context segmentation with uncertainty and OOD flags; "
-              "**not a medical device**, not for diagnosis.",
-              "- Trained on very few cases for some contexts (AbdomenCT 2, BrainStructuresMR 1, BrainTumorMR 5) at "
-              "2 mm: expect coarse boundaries and failures on unusual anatomy; small structures (thalamus, kidneys) "
-              "suffer most.",
-              "- Intensity conventions of the training data (ACDC min-max, LA and BraTS z-scored) are normalised "
-              "away by percentile scaling, but new MR sequences are out of distribution by design: watch the OOD gauge.",
-              "- The OOD threshold is global; contexts with few training cases have fewer neighbours and so more "
-              "false alarms (see the per-context rate in docs/RESULTS.md).",
-              "- Left/right structures rely on correct image orientation in the file header."]
+    lines += [
+        "",
+        "## Intended use and limitations",
+        "",
+        "- Research and demonstration of joint multi-context segmentation with uncertainty and OOD flags; "
+        "**not a medical device**, not for diagnosis.",
+        "- Trained on very few cases for some contexts (AbdomenCT 2, BrainStructuresMR 1, BrainTumorMR 5) at "
+        "2 mm: expect coarse boundaries and failures on unusual anatomy; small structures (thalamus, kidneys) "
+        "suffer most.",
+        "- Intensity conventions of the training data (ACDC min-max, LA and BraTS z-scored) are normalised "
+        "away by percentile scaling, but new MR sequences are out of distribution by design: watch the OOD gauge.",
+        "- The OOD threshold is global; contexts with few training cases have fewer neighbours and so more "
+        "false alarms (see the per-context rate in docs/RESULTS.md).",
+        "- Left/right structures rely on correct image orientation in the file header.",
+    ]
     (args.bundle / "MODEL_CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.bundle / 'MODEL_CARD.md'}")
 

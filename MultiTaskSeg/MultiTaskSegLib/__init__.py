@@ -3,6 +3,7 @@
 Never imports slicer, qt, ctk or vtk (DESIGN.md); the Slicer module and the training
 package both build on it.
 """
+
 from pathlib import Path
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Atomic writes: a temporary file beside the target, renamed over it only once complete,
 so a killed run leaves the previous file (or none), never half of one."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 No pickle anywhere: weights are safetensors, signatures an .npz read with
 ``allow_pickle=False``. Loading checks ``format_version`` and the sha256 of every file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,9 @@ class Bundle:
         try:
             self.schema = BundleMeta.from_dict(self.meta)
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{self.path}: {META_FILE} is malformed ({type(exc).__name__}: {exc}); "
-                              "re-export the bundle") from None
+            raise BundleError(
+                f"{self.path}: {META_FILE} is malformed ({type(exc).__name__}: {exc}); re-export the bundle"
+            ) from None
 
     # --- parsed views of bundle.json -------------------------------------------------
     @property
@@ -99,11 +101,16 @@ class Bundle:
         ood = self.schema.ood
         with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
             scale = ood.context_scale  # per-context kNN (absent in older bundles: plain nearest neighbour)
-            return SpectralDetector(signatures=data["signatures"], context_index=data["context_index"],
-                                    case_ids=data["case_ids"], context_names=self.context_names,
-                                    layers=list(ood.layers), spectrum_length=ood.spectrum_length,
-                                    threshold=math.inf if ood.threshold is None else float(ood.threshold),
-                                    context_scale=None if scale is None else np.asarray(scale, dtype=np.float64))
+            return SpectralDetector(
+                signatures=data["signatures"],
+                context_index=data["context_index"],
+                case_ids=data["case_ids"],
+                context_names=self.context_names,
+                layers=list(ood.layers),
+                spectrum_length=ood.spectrum_length,
+                threshold=math.inf if ood.threshold is None else float(ood.threshold),
+                context_scale=None if scale is None else np.asarray(scale, dtype=np.float64),
+            )
 
     def quality_model(self) -> QualityModel | None:
         """The expected-Dice model (bundle.json 'quality', plain numbers); None for bundles without one."""
@@ -112,8 +119,10 @@ class Bundle:
         try:
             return QualityModel.from_dict(self.schema.quality)
         except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{self.path}: {META_FILE} has an unusable 'quality' section ({exc}); "
-                              "re-finalise the bundle (mtseg finalise)") from None
+            raise BundleError(
+                f"{self.path}: {META_FILE} has an unusable 'quality' section ({exc}); "
+                "re-finalise the bundle (mtseg finalise)"
+            ) from None
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -130,8 +139,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{meta_path}: not valid JSON ({exc})") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: unknown bundle format_version {version!r}; this MultiTaskSeg reads "
-                          f"version {FORMAT_VERSION} — update MultiTaskSeg or re-export the bundle")
+        raise BundleError(
+            f"{path}: unknown bundle format_version {version!r}; this MultiTaskSeg reads "
+            f"version {FORMAT_VERSION} — update MultiTaskSeg or re-export the bundle"
+        )
     files = meta.get("files") or {}
     for required in (MODEL_FILE, SIGNATURES_FILE):
         if required not in files:
@@ -142,24 +153,35 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             raise BundleError(f"{path}: {name} is missing from the bundle")
         actual = sha256_file(file)
         if actual != digest:
-            raise BundleError(f"{path}: {name} is corrupt or was modified (sha256 {actual[:12]}… "
-                              f"does not match {digest[:12]}… in {META_FILE}); restore or re-download the bundle")
+            raise BundleError(
+                f"{path}: {name} is corrupt or was modified (sha256 {actual[:12]}… "
+                f"does not match {digest[:12]}… in {META_FILE}); restore or re-download the bundle"
+            )
     for key in ("architecture", "preprocessing", "labels", "contexts", "ood"):
         if key not in meta:
             raise BundleError(f"{path}: {META_FILE} has no '{key}' section")
     return Bundle(path, meta)
 
 
-def save_bundle(path: str | os.PathLike, meta: BundleMeta | dict, state_dict: dict[str, torch.Tensor],
-                signatures: np.ndarray, context_index: np.ndarray, case_ids: list[str]) -> Bundle:
+def save_bundle(
+    path: str | os.PathLike,
+    meta: BundleMeta | dict,
+    state_dict: dict[str, torch.Tensor],
+    signatures: np.ndarray,
+    context_index: np.ndarray,
+    case_ids: list[str],
+) -> Bundle:
     """Write a complete bundle (files first, bundle.json with their hashes last)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(path / MODEL_FILE))
-    np.savez_compressed(path / SIGNATURES_FILE, signatures=np.asarray(signatures, dtype=np.float32),
-                        context_index=np.asarray(context_index, dtype=np.int32),
-                        case_ids=np.asarray(case_ids, dtype=str))
+    np.savez_compressed(
+        path / SIGNATURES_FILE,
+        signatures=np.asarray(signatures, dtype=np.float32),
+        context_index=np.asarray(context_index, dtype=np.int32),
+        case_ids=np.asarray(case_ids, dtype=str),
+    )
     meta = meta.to_dict() if isinstance(meta, BundleMeta) else dict(meta)
     meta["format_version"] = FORMAT_VERSION
     meta["files"] = {name: sha256_file(path / name) for name in (MODEL_FILE, SIGNATURES_FILE)}

@@ -6,6 +6,7 @@ Every block keeps keys it does not know in ``extra`` and writes them back, and o
 fields left at ``None`` are not written, so an older bundle.json reads and re-writes unchanged
 (``BundleMeta.from_dict(meta).to_dict() == meta`` for the shipped bundle).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ B = TypeVar("B", bound="Block")
 class Block:
     """A JSON object with known fields (in writing order) and any unknown ones kept in ``extra``
     (each subclass declares ``extra`` last: Python 3.9 dataclasses have no keyword-only fields)."""
+
     ALWAYS: ClassVar[tuple[str, ...]] = ()  # written even when None (JSON null)
 
     @classmethod
@@ -115,6 +117,7 @@ class TrainingBlock(Block):
 @dataclass
 class PreprocessingBlock:
     """Resampling/intensity settings plus the sliding window (stored together since format 1)."""
+
     config: PreprocessingConfig
     window: WindowConfig
 
@@ -124,13 +127,18 @@ class PreprocessingBlock:
         return cls(PreprocessingConfig.from_dict(d), window)
 
     def to_dict(self) -> dict:
-        return {**self.config.to_dict(), "patch_size": list(self.window.patch_size), "overlap": self.window.overlap,
-                "batch_size": self.window.batch_size}
+        return {
+            **self.config.to_dict(),
+            "patch_size": list(self.window.patch_size),
+            "overlap": self.window.overlap,
+            "batch_size": self.window.batch_size,
+        }
 
 
 @dataclass
 class BundleMeta:
     """All of bundle.json. ``files`` and ``format_version`` are filled in by ``save_bundle``."""
+
     architecture: NetworkConfig
     preprocessing: PreprocessingBlock
     labels: list[LabelEntry]
@@ -147,15 +155,22 @@ class BundleMeta:
     quality: Optional[dict] = None  # QualityModel.to_dict(); parsed by Bundle.quality_model()
     extra: dict = field(default_factory=dict)
 
-    BLOCKS: ClassVar[dict[str, Any]] = {"ood": OodBlock, "postprocessing": Postprocessing, "calibration": Calibration,
-                                        "inference": InferenceBlock, "training": TrainingBlock}
+    BLOCKS: ClassVar[dict[str, Any]] = {
+        "ood": OodBlock,
+        "postprocessing": Postprocessing,
+        "calibration": Calibration,
+        "inference": InferenceBlock,
+        "training": TrainingBlock,
+    }
 
     @classmethod
     def from_dict(cls, d: dict) -> BundleMeta:
-        kw: dict[str, Any] = {"architecture": NetworkConfig.from_dict(d["architecture"]),
-                              "preprocessing": PreprocessingBlock.from_dict(d["preprocessing"]),
-                              "labels": [LabelEntry.from_dict(x) for x in d["labels"]],
-                              "contexts": [ContextEntry.from_dict(x) for x in d["contexts"]]}
+        kw: dict[str, Any] = {
+            "architecture": NetworkConfig.from_dict(d["architecture"]),
+            "preprocessing": PreprocessingBlock.from_dict(d["preprocessing"]),
+            "labels": [LabelEntry.from_dict(x) for x in d["labels"]],
+            "contexts": [ContextEntry.from_dict(x) for x in d["contexts"]],
+        }
         for name, block in cls.BLOCKS.items():
             if d.get(name) is not None:
                 kw[name] = block.from_dict(d[name])
@@ -166,12 +181,24 @@ class BundleMeta:
         return cls(**kw, extra={k: v for k, v in d.items() if k not in names})
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"architecture": self.architecture.to_dict(),
-                               "preprocessing": self.preprocessing.to_dict(),
-                               "labels": [x.to_dict() for x in self.labels],
-                               "contexts": [x.to_dict() for x in self.contexts]}
-        for name in ("label_mode", "postprocessing", "calibration", "ood", "inference", "training", "metrics",
-                     "format_version", "files", "quality"):
+        out: dict[str, Any] = {
+            "architecture": self.architecture.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "labels": [x.to_dict() for x in self.labels],
+            "contexts": [x.to_dict() for x in self.contexts],
+        }
+        for name in (
+            "label_mode",
+            "postprocessing",
+            "calibration",
+            "ood",
+            "inference",
+            "training",
+            "metrics",
+            "format_version",
+            "files",
+            "quality",
+        ):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.to_dict() if hasattr(value, "to_dict") else value

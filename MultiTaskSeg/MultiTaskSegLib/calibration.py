@@ -1,4 +1,5 @@
 """Calibration metrics: ECE, MCE and reliability-diagram data (equal-width bins)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +19,14 @@ class Reliability:
 
     def to_dict(self) -> dict:
         clean = lambda a: [None if not np.isfinite(v) else float(v) for v in a]  # noqa: E731
-        return {"bin_edges": self.bin_edges.tolist(), "confidence": clean(self.confidence),
-                "accuracy": clean(self.accuracy), "counts": self.counts.astype(int).tolist(),
-                "ece": self.ece, "mce": self.mce}
+        return {
+            "bin_edges": self.bin_edges.tolist(),
+            "confidence": clean(self.confidence),
+            "accuracy": clean(self.accuracy),
+            "counts": self.counts.astype(int).tolist(),
+            "ece": self.ece,
+            "mce": self.mce,
+        }
 
 
 def reliability(prob: np.ndarray, target: np.ndarray, n_bins: int = 10) -> Reliability:
@@ -55,8 +61,9 @@ def boundary_band(mask: np.ndarray, radius: int = 2) -> np.ndarray:
     return dil & ~ero
 
 
-def structure_calibration(prob: np.ndarray, gt: np.ndarray, predicted: np.ndarray, n_bins: int = 10,
-                          band_radius: int = 2) -> dict:
+def structure_calibration(
+    prob: np.ndarray, gt: np.ndarray, predicted: np.ndarray, n_bins: int = 10, band_radius: int = 2
+) -> dict:
     """Whole-image and boundary-band calibration of one structure's foreground probability."""
     whole = reliability(prob, gt, n_bins)
     band = boundary_band(predicted, band_radius)

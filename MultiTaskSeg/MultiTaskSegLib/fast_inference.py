@@ -8,6 +8,7 @@ followed by a concatenation (two full copies). Everything here works in place on
 caller has just created. Outputs equal the training layers' up to float rounding
 (|Δ| ~ 1e-5, tested in Testing/test_fast_inference.py); GPU, bf16 and autograd keep the plain layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,13 @@ CHANNELS_LAST = torch.channels_last_3d
 def use_fast_path(x: torch.Tensor, module: nn.Module) -> bool:
     """A module whose kernels were switched on (``enable_cpu_kernels``) running on CPU, float32, no
     autograd, no autocast (opt-in bf16 keeps the standard layers, whose norms autocast handles)."""
-    return (getattr(module, "cpu_kernels", False) and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+    return (
+        getattr(module, "cpu_kernels", False)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def enable_cpu_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:

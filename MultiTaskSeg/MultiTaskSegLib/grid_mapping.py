@@ -10,6 +10,7 @@ class) while most of the work is skipped:
   other two axes only, and the last, full-size step is computed just where the two columns
   disagree (a structure's boundary), a few percent of a large CT.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -6,6 +6,7 @@ image voxel counts once in total, padding not at all). Its eigenvalues are the s
 of the stacked (voxels × channels) feature matrix, so the spectral OOD signature comes from
 activations the segmentation already produced, with no second pass and no feature storage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,8 +111,9 @@ class WindowResult:
     n_reused: int = 0  # windows of constant input whose output was reused, not recomputed
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor, taps: Sequence[str], config: WindowConfig,
-             device: torch.device) -> tuple:
+def _forward(
+    model: torch.nn.Module, x: torch.Tensor, taps: Sequence[str], config: WindowConfig, device: torch.device
+) -> tuple:
     """One batch of windows: flip-averaged logits, the unflipped pass's tapped features, context logits."""
     flips = [()] + ([(2,), (3,), (4,)] if config.tta_flips else [])
     out, feats = None, {}
@@ -170,6 +172,7 @@ def _glibc():
     try:
         import ctypes
         import ctypes.util
+
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except (OSError, TypeError):
@@ -213,9 +216,15 @@ def _pad_to(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[
 
 
 @torch.inference_mode()
-def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConfig, device: torch.device,
-                   taps: Sequence[str] = (), progress: ProgressCallback | None = None,
-                   stage: str = "inference") -> WindowResult:
+def sliding_window(
+    model: torch.nn.Module,
+    array: np.ndarray,
+    config: WindowConfig,
+    device: torch.device,
+    taps: Sequence[str] = (),
+    progress: ProgressCallback | None = None,
+    stage: str = "inference",
+) -> WindowResult:
     """Blend window logits over the whole (z, y, x) array; accumulate feature Gram matrices for ``taps``."""
     patch = tuple(config.patch_size)
     padded, crop = _pad_to(array, patch)
@@ -246,7 +255,7 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
         out, feats = _forward(model, torch.full((1, 1, *patch), v, device=device), taps, config, device)
         reused[v] = (out.mul_(gauss), feats)
     computed = [i for i in range(len(slices)) if i not in constant]
-    batches = [computed[b0:b0 + config.batch_size] for b0 in range(0, len(computed), config.batch_size)]
+    batches = [computed[b0 : b0 + config.batch_size] for b0 in range(0, len(computed), config.batch_size)]
     batches += [[i] for i in constant]
 
     def run(batch: list[int]) -> tuple:
@@ -289,4 +298,3 @@ def sliding_window(model: torch.nn.Module, array: np.ndarray, config: WindowConf
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
     context = None if context_sum is None else (context_sum / len(slices)).cpu().numpy()
     return WindowResult(logits, gram, context, len(slices), gram_s, len(constant))
-

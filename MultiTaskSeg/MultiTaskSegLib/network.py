@@ -4,6 +4,7 @@ Tapping returns activations produced by the same forward pass, so the OOD signat
 no second pass. Layer names: ``enc0`` … ``enc{depth-1}`` (encoder, ``enc{depth-1}`` is the
 bottleneck) and ``dec{depth-2}`` … ``dec0`` (decoder, ``dec0`` at full resolution).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -26,7 +27,10 @@ class NetworkConfig:
     n_contexts: int = 0  # >0 adds a context-classification head on the bottleneck
 
     def to_dict(self) -> dict:
-        return {"name": "ResidualUNet3D", **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
+        return {
+            "name": "ResidualUNet3D",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
@@ -47,8 +51,9 @@ class ResBlock(nn.Module):
         self.drop = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.skip = None
         if stride != 1 or cin != cout:
-            self.skip = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False),
-                                      nn.InstanceNorm3d(cout, affine=True))
+            self.skip = nn.Sequential(
+                nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.InstanceNorm3d(cout, affine=True)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fast.use_fast_path(x, self):
@@ -121,7 +126,9 @@ class ResidualUNet3D(nn.Module):
         quick = fast.use_fast_path(x, self)
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             i = depth - 2 - j
-            x = dec(fast.up_cat(cast(nn.ConvTranspose3d, up), x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1))
+            x = dec(
+                fast.up_cat(cast(nn.ConvTranspose3d, up), x, skips[i]) if quick else torch.cat([up(x), skips[i]], dim=1)
+            )
             if f"dec{i}" in taps:
                 features[f"dec{i}"] = x
         logits = fast.conv1x1(x, self.head, channels_first_out=True) if quick else self.head(x)

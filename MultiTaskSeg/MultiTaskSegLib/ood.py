@@ -9,6 +9,7 @@ The score of an image is the Euclidean distance to the nearest training signatur
 default threshold is mean + 2.5·std of the leave-one-out nearest-neighbour distances among
 the training signatures. Nothing here looks at ground truth.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,11 +42,12 @@ def signature_from_features(features: np.ndarray, length: int | None = None) -> 
 
 def signature_from_grams(grams: dict[str, np.ndarray], layers: Sequence[str], length: int | None = None) -> np.ndarray:
     """Concatenated signature of several layers, from their (normalised) Gram matrices."""
-    return np.concatenate([signature_from_singular_values(singular_values_from_gram(grams[k]), length)
-                           for k in layers])
+    return np.concatenate([signature_from_singular_values(singular_values_from_gram(grams[k]), length) for k in layers])
 
 
-def nearest_neighbour_distances(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbour_distances(
+    a: np.ndarray, b: np.ndarray, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """For each row of a: distance to and index of its nearest row of b."""
     d = np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
     if exclude_self:
@@ -98,9 +100,14 @@ class OODResult:
 
     def to_dict(self) -> dict:
         threshold = self.threshold if np.isfinite(self.threshold) else None  # None: no threshold could be set
-        return {"score": self.score, "threshold": threshold, "is_ood": self.is_ood,
-                "nearest_context": self.nearest_context, "nearest_case": self.nearest_case,
-                "detector": self.detector}
+        return {
+            "score": self.score,
+            "threshold": threshold,
+            "is_ood": self.is_ood,
+            "nearest_context": self.nearest_context,
+            "nearest_case": self.nearest_case,
+            "detector": self.detector,
+        }
 
 
 @dataclass
@@ -108,6 +115,7 @@ class SpectralDetector:
     """Nearest training signature; with ``context_scale`` the distance to each context's nearest signature
     is divided by that context's typical leave-one-case-out distance first (per-context kNN), so a
     tight context (many similar cases) and a loose one (few, varied cases) get the same false-alarm rate."""
+
     signatures: np.ndarray  # (N, D)
     context_index: np.ndarray  # (N,)
     case_ids: np.ndarray  # (N,) str
@@ -136,5 +144,11 @@ class SpectralDetector:
 
     def score(self, signature: np.ndarray) -> OODResult:
         score, i = self.nearest(signature)
-        return OODResult(score, self.threshold, exceeds(score, self.threshold),
-                         self.context_names[int(self.context_index[i])], str(self.case_ids[i]), self.name)
+        return OODResult(
+            score,
+            self.threshold,
+            exceeds(score, self.threshold),
+            self.context_names[int(self.context_index[i])],
+            str(self.case_ids[i]),
+            self.name,
+        )

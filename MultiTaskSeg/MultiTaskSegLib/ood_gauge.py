@@ -4,6 +4,7 @@ The Slicer widget only paints what ``gauge_layout`` returns: three coloured band
 (in distribution / borderline / out of distribution) along a 0..1 axis, a score marker,
 a threshold marker and two lines of text.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def classify(score: float, threshold: float, borderline_fraction: float = BORDER
     return IN_DISTRIBUTION
 
 
-def gauge_layout(score: float, threshold: float, nearest_context: str = "",
-                 borderline_fraction: float = BORDERLINE_FRACTION) -> GaugeLayout:
+def gauge_layout(
+    score: float, threshold: float, nearest_context: str = "", borderline_fraction: float = BORDERLINE_FRACTION
+) -> GaugeLayout:
     """Band and marker positions for a score, on a scale that puts the threshold at the middle
     unless the score lies further out (then the scale grows so the score stays visible)."""
     if not threshold > 0:
@@ -59,17 +61,26 @@ def gauge_layout(score: float, threshold: float, nearest_context: str = "",
     context_text = f"resembles: {nearest_context}" if nearest_context else ""
     if not math.isfinite(threshold):  # a bundle trained on one case has no threshold to compare with
         grey = Band(0.0, 1.0, UNKNOWN, (158, 158, 158))
-        return GaugeLayout((grey,), 0.5, 1.0, UNKNOWN, f"OOD score {score:.3g} (this model has no OOD threshold)",
-                           context_text)
+        return GaugeLayout(
+            (grey,), 0.5, 1.0, UNKNOWN, f"OOD score {score:.3g} (this model has no OOD threshold)", context_text
+        )
     scale = max(2.0 * threshold, 1.1 * score)
     border = borderline_fraction * threshold / scale
     thr = threshold / scale
-    bands = (Band(0.0, border, IN_DISTRIBUTION, COLORS[IN_DISTRIBUTION]),
-             Band(border, thr, BORDERLINE, COLORS[BORDERLINE]),
-             Band(thr, 1.0, OUT_OF_DISTRIBUTION, COLORS[OUT_OF_DISTRIBUTION]))
+    bands = (
+        Band(0.0, border, IN_DISTRIBUTION, COLORS[IN_DISTRIBUTION]),
+        Band(border, thr, BORDERLINE, COLORS[BORDERLINE]),
+        Band(thr, 1.0, OUT_OF_DISTRIBUTION, COLORS[OUT_OF_DISTRIBUTION]),
+    )
     state = classify(score, threshold, borderline_fraction)
-    return GaugeLayout(bands, min(1.0, score / scale), thr, state,
-                       f"OOD score {score:.3g} (threshold {threshold:.3g}): {state}", context_text)
+    return GaugeLayout(
+        bands,
+        min(1.0, score / scale),
+        thr,
+        state,
+        f"OOD score {score:.3g} (threshold {threshold:.3g}): {state}",
+        context_text,
+    )
 
 
 def context_description(contexts: list[dict], name: str) -> str:

@@ -4,6 +4,7 @@
 1/255: readers get floats in [0, 1] in steps of 1/255), both on the input grid, and ``OUT/<case>.json`` (the report, DESIGN.md). One writer, so what the
 Slicer module loads is exactly what the command line writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,16 @@ if TYPE_CHECKING:  # torch stays unloaded for readers of results (the Slicer mod
 
 
 def output_paths(out: Path, case: str, volume_suffix: str = ".nii.gz") -> dict[str, Path]:
-    return {"seg": out / f"{case}_seg{volume_suffix}", "uncertainty": out / f"{case}_uncertainty{volume_suffix}",
-            "report": out / f"{case}.json"}
+    return {
+        "seg": out / f"{case}_seg{volume_suffix}",
+        "uncertainty": out / f"{case}_uncertainty{volume_suffix}",
+        "report": out / f"{case}.json",
+    }
 
 
-def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dict | None = None,
-                    raw: bool = False) -> dict:
+def save_prediction(
+    prediction: "Prediction", paths: dict[str, Path], extra: dict | None = None, raw: bool = False
+) -> dict:
     """Write labels, uncertainty and the JSON report (each atomically); returns the report.
 
     ``raw``: uncompressed, written in place, for a private folder whose reader waits for the
@@ -48,6 +53,7 @@ def save_prediction(prediction: "Prediction", paths: dict[str, Path], extra: dic
 @dataclass
 class SegmentationResult:
     """What the scene needs from a prediction, wherever it ran: two images on the input grid + the report."""
+
     labels: sitk.Image  # uint8
     uncertainty: sitk.Image  # float32 in [0, 1]
     report: dict  # the JSON report: ood, quality (when the bundle estimates it), context, volumes_ml, …

@@ -5,6 +5,7 @@ called when a bundle is finalised) and stored in ``bundle.json`` under ``postpro
 structure that can legitimately be several pieces (a tumour, the cortex) keeps its pieces when
 validation says so.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -38,8 +39,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.logical_and(a, b).sum()) / denom
 
 
-def choose_largest_component(cases: Sequence[tuple[np.ndarray, np.ndarray]], values: Iterable[int],
-                             ) -> tuple[list[int], dict[int, dict[str, float]]]:
+def choose_largest_component(
+    cases: Sequence[tuple[np.ndarray, np.ndarray]],
+    values: Iterable[int],
+) -> tuple[list[int], dict[int, dict[str, float]]]:
     """Structures whose mean Dice over ``cases`` ((prediction, reference) label pairs) does not drop
     with largest-component filtering; returns them and the Dice before/after for the record.
 
@@ -55,8 +58,11 @@ def choose_largest_component(cases: Sequence[tuple[np.ndarray, np.ndarray]], val
             after.append(dice(keep_largest_component(pred.copy(), [v]) == v, ref == v))
         if not before:
             continue
-        record[int(v)] = {"dice_before": float(np.mean(before)), "dice_after": float(np.mean(after)),
-                          "n_cases": len(before)}
+        record[int(v)] = {
+            "dice_before": float(np.mean(before)),
+            "dice_after": float(np.mean(after)),
+            "n_cases": len(before),
+        }
         if np.mean(after) >= np.mean(before):
             chosen.append(int(v))
     return chosen, record

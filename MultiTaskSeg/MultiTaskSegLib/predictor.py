@@ -3,6 +3,7 @@
 image → preprocess → sliding window (+ feature spectra) → OOD score → temperature-scaled
 probabilities → (optional context restriction) → labels and uncertainty on the input grid.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,7 +36,9 @@ class PredictOptions:
     mc_dropout: int = 0  # number of MC-dropout passes (0 = off)
     modality: str | None = None  # 'CT' / 'MR' to override detection
     restrict_to_context: bool | None = None  # None = the bundle's default
-    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU: ~2× faster where AMX/AVX512-BF16 exist, slightly different outputs
+    cpu_bf16: bool = (
+        False  # opt-in bf16 autocast on CPU: ~2× faster where AMX/AVX512-BF16 exist, slightly different outputs
+    )
 
 
 @dataclass
@@ -57,12 +60,18 @@ class Prediction:
 
     def report(self) -> dict:
         """The JSON report written beside the outputs (DESIGN.md keys plus extras)."""
-        return {"ood": self.ood.to_dict(), "quality": self.quality.to_dict() if self.quality else None,
-                "labels": {str(k): v for k, v in self.label_names.items()},
-                "volumes_ml": self.volumes_ml, "mean_uncertainty": self.mean_uncertainty,
-                "mean_uncertainty_per_label": self.mean_uncertainty_per_label,
-                "context": self.context, "modality": self.modality, "device": self.device,
-                "timings_s": self.timings_s}
+        return {
+            "ood": self.ood.to_dict(),
+            "quality": self.quality.to_dict() if self.quality else None,
+            "labels": {str(k): v for k, v in self.label_names.items()},
+            "volumes_ml": self.volumes_ml,
+            "mean_uncertainty": self.mean_uncertainty,
+            "mean_uncertainty_per_label": self.mean_uncertainty_per_label,
+            "context": self.context,
+            "modality": self.modality,
+            "device": self.device,
+            "timings_s": self.timings_s,
+        }
 
 
 # Below this many input voxels SimpleITK's per-class resampling takes less CPU time than the torch path
@@ -91,22 +100,42 @@ class Predictor:
 
     # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
     def window_config(self, options: PredictOptions) -> WindowConfig:
-        return WindowConfig(self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta,
-                            options.cpu_bf16)
+        return WindowConfig(
+            self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta, options.cpu_bf16
+        )
 
-    def network_pass(self, array: np.ndarray, window: WindowConfig, taps: Sequence[str] | None = None,
-                     progress: ProgressCallback | None = None, stage: str = "inference") -> WindowResult:
+    def network_pass(
+        self,
+        array: np.ndarray,
+        window: WindowConfig,
+        taps: Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+        stage: str = "inference",
+    ) -> WindowResult:
         """One sliding-window pass: blended logits, context logits and the Gram matrices of ``taps``
         (default: the detector's layers)."""
-        return sliding_window(self.model, array, window, self.device,
-                              self.detector.layers if taps is None else taps, progress, stage=stage)
+        return sliding_window(
+            self.model,
+            array,
+            window,
+            self.device,
+            self.detector.layers if taps is None else taps,
+            progress,
+            stage=stage,
+        )
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled softmax over the class axis."""
         return softmax_with_temperature(logits, self.bundle.temperature)
 
-    def mc_dropout_average(self, probs: torch.Tensor, array: np.ndarray, window: WindowConfig, n: int,
-                           progress: ProgressCallback | None = None) -> torch.Tensor:
+    def mc_dropout_average(
+        self,
+        probs: torch.Tensor,
+        array: np.ndarray,
+        window: WindowConfig,
+        n: int,
+        progress: ProgressCallback | None = None,
+    ) -> torch.Tensor:
         """Average ``probs`` (the deterministic pass, counted as one sample) with ``n`` dropout passes, in place."""
         enable_mc_dropout(self.model, True)
         try:
@@ -124,8 +153,14 @@ class Predictor:
             return int(np.argmax(context_logits))
         return self.bundle.context_names.index(ood.nearest_context)
 
-    def assess_quality(self, probs: torch.Tensor, entropy: torch.Tensor, context_index: int,
-                       context_logits: np.ndarray | None, ood: OODResult) -> QualityResult | None:
+    def assess_quality(
+        self,
+        probs: torch.Tensor,
+        entropy: torch.Tensor,
+        context_index: int,
+        context_logits: np.ndarray | None,
+        ood: OODResult,
+    ) -> QualityResult | None:
         """Expected Dice of the recognised context's structures (canonical grid; None without a quality model)."""
         if self.quality_model is None:
             return None
@@ -139,10 +174,14 @@ class Predictor:
         ood_z = ood.score / ood.threshold if np.isfinite(ood.threshold) and ood.threshold > 0 else 0.0
         return self.quality_model.assess(evidence, self.bundle.label_names, ood_z, confidence, ood.is_ood)
 
-    def predict(self, image: sitk.Image, options: PredictOptions | None = None,
-                progress: ProgressCallback | None = None,
-                on_ood: Callable[[OODResult], None] | None = None,
-                keep_probabilities: bool = False) -> Prediction:
+    def predict(
+        self,
+        image: sitk.Image,
+        options: PredictOptions | None = None,
+        progress: ProgressCallback | None = None,
+        on_ood: Callable[[OODResult], None] | None = None,
+        keep_probabilities: bool = False,
+    ) -> Prediction:
         options = options or PredictOptions()
         report = progress or (lambda stage, fraction: None)
         validate_volume(image)
@@ -209,14 +248,27 @@ class Predictor:
         label_image, unc_image = array_to_image(labels, image), array_to_image(uncertainty, image)
         timings["total"] = time.perf_counter() - t0
         report("done", 1.0)
-        return Prediction(label_image, unc_image, ood, self.bundle.context_names[context_index], names, volumes,
-                          float(uncertainty.mean()), per_label, pre.modality, str(self.device),
-                          {k: round(v, 3) for k, v in timings.items()}, signature,
-                          probs if keep_probabilities else None, quality)
+        return Prediction(
+            label_image,
+            unc_image,
+            ood,
+            self.bundle.context_names[context_index],
+            names,
+            volumes,
+            float(uncertainty.mean()),
+            per_label,
+            pre.modality,
+            str(self.device),
+            {k: round(v, 3) for k, v in timings.items()},
+            signature,
+            probs if keep_probabilities else None,
+            quality,
+        )
 
     @staticmethod
-    def _to_input_grid(probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image,
-                       reference: sitk.Image, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _to_input_grid(
+        probs: torch.Tensor, entropy: torch.Tensor, grid: sitk.Image, reference: sitk.Image, timings: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Argmax of linearly resampled probabilities on the input grid, and the resampled uncertainty.
 
         Large axis-aligned inputs (every scanner volume in practice) take the torch path, which skips

@@ -4,6 +4,7 @@ The network always sees an axis-aligned (identity-direction, LPS) grid at the bu
 spacing; intensities are mapped to roughly [0, 1] by a rule chosen from the modality, which is
 detected from the intensities themselves (CT is in Hounsfield units, with air near -1000).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,10 +28,15 @@ class PreprocessingConfig:
     mr_percentiles: tuple[float, float] = MR_PERCENTILES
 
     def to_dict(self) -> dict:
-        return {"target_spacing": list(self.target_spacing), "orientation": "LPS (identity direction)",
-                "intensity": {"CT": {"clip_hu": list(self.ct_window), "scale": "to [0, 1]"},
-                              "MR": {"clip_percentiles": list(self.mr_percentiles), "scale": "to [0, 1]"},
-                              "modality": "detected from intensities unless given"}}
+        return {
+            "target_spacing": list(self.target_spacing),
+            "orientation": "LPS (identity direction)",
+            "intensity": {
+                "CT": {"clip_hu": list(self.ct_window), "scale": "to [0, 1]"},
+                "MR": {"clip_percentiles": list(self.mr_percentiles), "scale": "to [0, 1]"},
+                "modality": "detected from intensities unless given",
+            },
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessingConfig":
@@ -71,8 +77,9 @@ def normalise_intensities(array: np.ndarray, modality: str, config: Preprocessin
 def canonical_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     """An empty identity-direction grid at ``spacing`` covering the image's physical extent."""
     size = np.array(image.GetSize())
-    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)],
-                       dtype=float)
+    corners = np.array(
+        [[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)], dtype=float
+    )
     points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
     low, high = points.min(0), points.max(0)
     spacing = np.asarray(spacing, dtype=float)
@@ -134,8 +141,9 @@ def _recursive_gaussian(x: torch.Tensor, axis: int, sigma: float, spacing: float
     return torch.from_numpy(sitk.GetArrayFromImage(out))
 
 
-def _smooth_and_sample(array: np.ndarray, image: sitk.Image, maps: list[AxisMap],
-                       sigmas: np.ndarray | None) -> np.ndarray:
+def _smooth_and_sample(
+    array: np.ndarray, image: sitk.Image, maps: list[AxisMap], sigmas: np.ndarray | None
+) -> np.ndarray:
     """Anti-aliasing and linear resampling one axis at a time (axis-aligned grids).
 
     Smoothing along one axis and interpolating along another commute, so each axis is smoothed
@@ -179,8 +187,13 @@ def resample_label_to_grid(label: sitk.Image, grid: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
-def grid_to_input(array: np.ndarray, grid: sitk.Image, reference: sitk.Image,
-                  interpolator: int = sitk.sitkLinear, default: float = 0.0) -> np.ndarray:
+def grid_to_input(
+    array: np.ndarray,
+    grid: sitk.Image,
+    reference: sitk.Image,
+    interpolator: int = sitk.sitkLinear,
+    default: float = 0.0,
+) -> np.ndarray:
     """Resample a canonical-grid array (z, y, x) onto the input image's grid."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.CopyInformation(grid)

@@ -17,6 +17,7 @@ coefficients are plain numbers in bundle.json (no pickle). The case's expected D
 mean over the recognised context's structures; the case is flagged when it falls below
 ``flag_below`` or the OOD detector flags the image.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ FEATURES = ("soft_dice", "mean_entropy", "volume_z", "ood_z", "context_confidenc
 EMPTY_VOLUME_Z = 4.0  # an empty mask is as unusual as a volume 4 std away from the training mean
 
 
-def structure_evidence(probs: torch.Tensor, labels: np.ndarray, entropy: torch.Tensor, structures: list[int],
-                       voxel_ml: float) -> dict[int, dict[str, float]]:
+def structure_evidence(
+    probs: torch.Tensor, labels: np.ndarray, entropy: torch.Tensor, structures: list[int], voxel_ml: float
+) -> dict[int, dict[str, float]]:
     """Evidence per structure value from (C, z, y, x) probabilities, the (restricted) argmax labels and
     the entropy map, all on the same grid. Linear in the voxels: one gather and three bincounts."""
     n_classes = probs.shape[0]
@@ -43,8 +45,11 @@ def structure_evidence(probs: torch.Tensor, labels: np.ndarray, entropy: torch.T
     out = {}
     for v in structures:
         n, total = float(counts[v]), float(totals[v])
-        out[v] = {"soft_dice": 2.0 * float(inside[v]) / (total + n) if total + n > 0 else 0.0,
-                  "mean_entropy": float(ent[v]) / n if n else 1.0, "volume_ml": n * voxel_ml}
+        out[v] = {
+            "soft_dice": 2.0 * float(inside[v]) / (total + n) if total + n > 0 else 0.0,
+            "mean_entropy": float(ent[v]) / n if n else 1.0,
+            "volume_ml": n * voxel_ml,
+        }
     return out
 
 
@@ -61,6 +66,7 @@ class QualityResult:
 @dataclass
 class QualityModel:
     """Logistic expected-Dice model on standardised evidence; JSON-serialisable."""
+
     coef: list[float]
     intercept: float
     mean: list[float]
@@ -72,11 +78,17 @@ class QualityModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QualityModel":
-        model = cls(**{k: d[k] for k in ("coef", "intercept", "mean", "scale", "log_volume", "flag_below",
-                                         "features", "fitted_on") if k in d})
+        model = cls(
+            **{
+                k: d[k]
+                for k in ("coef", "intercept", "mean", "scale", "log_volume", "flag_below", "features", "fitted_on")
+                if k in d
+            }
+        )
         if list(model.features) != list(FEATURES):
-            raise ValueError(f"quality model features {model.features} are not the ones this code computes "
-                             f"({list(FEATURES)})")
+            raise ValueError(
+                f"quality model features {model.features} are not the ones this code computes ({list(FEATURES)})"
+            )
         if not (len(model.coef) == len(model.mean) == len(model.scale) == len(FEATURES)):
             raise ValueError("quality model: coef/mean/scale lengths differ from the feature count")
         return model
@@ -90,17 +102,30 @@ class QualityModel:
         m, s = self.log_volume.get(name, (math.log(volume_ml), 1.0))
         return min(abs(math.log(volume_ml) - m) / max(s, 1e-3), EMPTY_VOLUME_Z)
 
-    def feature_row(self, evidence: dict[str, float], name: str, ood_z: float, context_confidence: float) -> list[float]:
-        return [evidence["soft_dice"], evidence["mean_entropy"], self.volume_z(name, evidence["volume_ml"]),
-                min(ood_z, 10.0), context_confidence]
+    def feature_row(
+        self, evidence: dict[str, float], name: str, ood_z: float, context_confidence: float
+    ) -> list[float]:
+        return [
+            evidence["soft_dice"],
+            evidence["mean_entropy"],
+            self.volume_z(name, evidence["volume_ml"]),
+            min(ood_z, 10.0),
+            context_confidence,
+        ]
 
     def expected_dice(self, rows: np.ndarray) -> np.ndarray:
         x = (np.atleast_2d(np.asarray(rows, dtype=np.float64)) - np.asarray(self.mean)) / np.asarray(self.scale)
         z = x @ np.asarray(self.coef) + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
-    def assess(self, evidence: dict[int, dict[str, float]], names: dict[int, str], ood_z: float,
-               context_confidence: float, is_ood: bool) -> QualityResult:
+    def assess(
+        self,
+        evidence: dict[int, dict[str, float]],
+        names: dict[int, str],
+        ood_z: float,
+        context_confidence: float,
+        is_ood: bool,
+    ) -> QualityResult:
         """Expected Dice per structure and for the case (mean), and the review flag."""
         values = list(evidence)
         if not values:

@@ -8,6 +8,7 @@ neighbour beyond the last voxel is the last voxel; outside points get the defaul
 float32 instead of double (|Δ| ~ 1e-7), in slabs so that memory stays bounded. Oblique grids
 return ``None`` from ``axis_maps`` and the callers keep SimpleITK.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -62,13 +63,19 @@ def axis_maps(source: sitk.Image, target: sitk.Image) -> list[AxisMap] | None:
         low = np.clip(np.floor(c), 0, n_source - 1)
         weight = np.clip(c - low, 0.0, 1.0)
         high = np.minimum(low + 1, n_source - 1)
-        maps[2 - j] = AxisMap(2 - a, torch.from_numpy(low.astype(np.int64)), torch.from_numpy(high.astype(np.int64)),
-                              torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(inside))
+        maps[2 - j] = AxisMap(
+            2 - a,
+            torch.from_numpy(low.astype(np.int64)),
+            torch.from_numpy(high.astype(np.int64)),
+            torch.from_numpy(weight.astype(np.float32)),
+            torch.from_numpy(inside),
+        )
     return maps  # type: ignore[return-value]
 
 
-def interpolate_along(x: torch.Tensor, dim: int, m: AxisMap, rows: slice, defaults: torch.Tensor,
-                      shift: int = 0) -> torch.Tensor:
+def interpolate_along(
+    x: torch.Tensor, dim: int, m: AxisMap, rows: slice, defaults: torch.Tensor, shift: int = 0
+) -> torch.Tensor:
     """1-D linear interpolation of ``x`` along ``dim`` at the map's positions ``rows`` (indices - ``shift``)."""
     low, high = m.low[rows] - shift, m.high[rows] - shift
     lead = (slice(None),) * dim  # advanced indexing: index_select is erratic on CPU (up to 100× slower, torch 2.13)
@@ -96,9 +103,14 @@ def source_range(m: AxisMap, positions: slice) -> slice:
     return slice(int(m.low[positions].min()), int(m.high[positions].max()) + 1)
 
 
-def resample_region(source: torch.Tensor, maps: Sequence[AxisMap], region: Sequence[slice],
-                    defaults: Sequence[float], channels: Sequence[int] | None = None,
-                    axes: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+def resample_region(
+    source: torch.Tensor,
+    maps: Sequence[AxisMap],
+    region: Sequence[slice],
+    defaults: Sequence[float],
+    channels: Sequence[int] | None = None,
+    axes: Sequence[int] = (0, 1, 2),
+) -> torch.Tensor:
     """A box of the target, (K', len(region[0]), len(region[1]), len(region[2])) float32, from (K, d, h, w)
     source channels (or only ``channels``).
 
@@ -120,8 +132,14 @@ def resample_region(source: torch.Tensor, maps: Sequence[AxisMap], region: Seque
     return x
 
 
-def resample_slab(source: torch.Tensor, maps: Sequence[AxisMap], rows: slice, defaults: Sequence[float],
-                  channels: Sequence[int] | None = None) -> torch.Tensor:
+def resample_slab(
+    source: torch.Tensor,
+    maps: Sequence[AxisMap],
+    rows: slice,
+    defaults: Sequence[float],
+    channels: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Target rows ``rows`` (all of the other two axes): (K', rows, H, W) float32."""
-    return resample_region(source, maps, (rows, slice(0, len(maps[1].low)), slice(0, len(maps[2].low))),
-                           defaults, channels)
+    return resample_region(
+        source, maps, (rows, slice(0, len(maps[1].low)), slice(0, len(maps[2].low))), defaults, channels
+    )

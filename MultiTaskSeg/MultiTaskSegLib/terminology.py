@@ -6,6 +6,7 @@ laterality modifier (Kidney + Right), not a "Right kidney" type. Structures from
 dataset whose name is not listed get a generic "Anatomical Structure" code and a colour from a
 fixed palette, so nothing breaks.
 """
+
 from __future__ import annotations
 
 ANATOMY = ("SCT", "123037004", "Anatomical Structure")
@@ -30,8 +31,18 @@ KNOWN: dict[str, tuple] = {
     "thalamus": (ANATOMY, "42695009", "Thalamus", (0, 118, 14)),
 }
 
-PALETTE = [(128, 174, 128), (241, 214, 145), (177, 122, 101), (111, 184, 210), (216, 101, 79),
-           (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0)]
+PALETTE = [
+    (128, 174, 128),
+    (241, 214, 145),
+    (177, 122, 101),
+    (111, 184, 210),
+    (216, 101, 79),
+    (221, 130, 101),
+    (144, 238, 144),
+    (192, 104, 88),
+    (220, 245, 20),
+    (78, 63, 0),
+]
 
 
 def _code(triple: tuple[str, str, str]) -> dict:
@@ -54,7 +65,9 @@ def describe(name: str, index: int) -> dict:
     """Colour and terminology entry for a structure name."""
     entry = KNOWN.get(name.strip().lower())
     if entry is None:
-        generic = {"category": _code(ANATOMY), "type": {"scheme": "SCT", "code": "91723000",
-                                                        "meaning": "Anatomical structure"}}
+        generic = {
+            "category": _code(ANATOMY),
+            "type": {"scheme": "SCT", "code": "91723000", "meaning": "Anatomical structure"},
+        }
         return {"color": list(PALETTE[index % len(PALETTE)]), "terminology": generic}
     return {"color": list(entry[3]), "terminology": known_terminology(name)}

@@ -1,4 +1,5 @@
 """Voxelwise uncertainty: normalised predictive entropy after temperature scaling."""
+
 from __future__ import annotations
 
 import numpy as np

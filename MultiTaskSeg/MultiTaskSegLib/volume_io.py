@@ -1,4 +1,5 @@
 """Reading and writing volumes with SimpleITK, with checks that give clear errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -59,7 +60,9 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line for line in first if "ERROR" in line or "rror" in line), first[-1] if first else "")
-        raise InputVolumeError(f"{path}: cannot read the file (unreadable or truncated?): {detail.strip()[:200]}") from None
+        raise InputVolumeError(
+            f"{path}: cannot read the file (unreadable or truncated?): {detail.strip()[:200]}"
+        ) from None
     validate_volume(image, str(path))
     return squeeze_4d(image)
 
@@ -98,7 +101,10 @@ def _nifti_problem(path: Path) -> str | None:
             ndim = dims[0]
             if not 1 <= ndim <= 7 or bitpix <= 0:
                 return None
-            expected = max(offset, 352 if size == 348 else 544) + int(np.prod(dims[1:ndim + 1], dtype=np.int64)) * bitpix // 8
+            expected = (
+                max(offset, 352 if size == 348 else 544)
+                + int(np.prod(dims[1 : ndim + 1], dtype=np.int64)) * bitpix // 8
+            )
             dtype = np.dtype(order + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
             start = max(offset, 352 if size == 348 else 544)
             pos, carry, bad = 0, b"", 0
@@ -127,7 +133,8 @@ def validate_volume(image: sitk.Image, name: str = "input") -> None:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputVolumeError(
             f"{name}: image has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "a single-channel (scalar) volume is needed — extract one channel first")
+            "a single-channel (scalar) volume is needed — extract one channel first"
+        )
     dim = image.GetDimension()
     size = image.GetSize()
     if dim == 4 and size[3] == 1:
@@ -135,13 +142,17 @@ def validate_volume(image: sitk.Image, name: str = "input") -> None:
     elif dim != 3:
         raise InputVolumeError(f"{name}: image is {dim}D (size {size}); a 3D volume is needed")
     if min(size[:3]) < 2:
-        raise InputVolumeError(f"{name}: image size {size[:3]} is a single slice; a 3D volume with several slices is needed")
+        raise InputVolumeError(
+            f"{name}: image size {size[:3]} is a single slice; a 3D volume with several slices is needed"
+        )
     if np.prod(size) == 0:
         raise InputVolumeError(f"{name}: image is empty (size {size})")
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
-        raise InputVolumeError(f"{name}: image has {bad} NaN/Inf voxels; replace them (e.g. with the background value) first")
+        raise InputVolumeError(
+            f"{name}: image has {bad} NaN/Inf voxels; replace them (e.g. with the background value) first"
+        )
     if array.min() == array.max():
         raise InputVolumeError(f"{name}: image is empty (every voxel is {array.flat[0]}); nothing to segment")
 
@@ -183,11 +194,11 @@ def write_fraction_map(image: sitk.Image, path: str | os.PathLike, level: int = 
     flat, out = values.reshape(-1), steps.reshape(-1)
     chunk = np.empty(min(flat.size, 1 << 22), np.float32)  # no full-size float temporary
     for i in range(0, flat.size, chunk.size):
-        part = chunk[:min(chunk.size, flat.size - i)]
-        np.clip(flat[i:i + part.size], 0.0, 1.0, out=part)
+        part = chunk[: min(chunk.size, flat.size - i)]
+        np.clip(flat[i : i + part.size], 0.0, 1.0, out=part)
         part *= FRACTION_STEPS
         np.rint(part, out=part)
-        out[i:i + part.size] = part
+        out[i : i + part.size] = part
     quantised = sitk.GetImageFromArray(steps)
     quantised.CopyInformation(image)
     path.parent.mkdir(parents=True, exist_ok=True)

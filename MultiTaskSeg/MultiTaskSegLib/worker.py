@@ -10,6 +10,7 @@ It writes one JSON object per line: ``{"event": "progress", "stage", "fraction"}
 ``{"event": "done", "outputs": {seg, uncertainty, report}, "report": {…}}`` or ``{"event":
 "error", "message"}``. The outputs are those of ``mtseg predict`` (same Predictor, same writer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,21 +56,28 @@ def resolve_device(requested: str, cuda_available: bool | None = None) -> tuple[
 
 def is_cuda_oom(exc: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or (isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc))
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+    )
 
 
-def predict_with_fallback(factory: PredictorFactory, image: sitk.Image, options: PredictOptions,
-                          progress: Callable[[str, float], None] | None = None,
-                          on_ood: Callable[[OODResult], None] | None = None,
-                          notice: Notice | None = None) -> Prediction:
+def predict_with_fallback(
+    factory: PredictorFactory,
+    image: sitk.Image,
+    options: PredictOptions,
+    progress: Callable[[str, float], None] | None = None,
+    on_ood: Callable[[OODResult], None] | None = None,
+    notice: Notice | None = None,
+) -> Prediction:
     """Predict on the requested device; on a missing GPU or CUDA out-of-memory, redo it on the CPU."""
     notice = notice or (lambda text: None)
     device, message = resolve_device(options.device)
     if message:
         notice(message)
     try:
-        return factory(device).predict(image, dataclasses.replace(options, device=device), progress=progress,
-                                       on_ood=on_ood)
+        return factory(device).predict(
+            image, dataclasses.replace(options, device=device), progress=progress, on_ood=on_ood
+        )
     except Exception as exc:
         if device != "cuda" or not is_cuda_oom(exc):
             raise
@@ -100,16 +108,23 @@ def run(args: argparse.Namespace, events: EventWriter) -> dict:
     """Predict one case and write its outputs; returns the output paths (as strings)."""
     bundle = load_bundle(args.bundle)
     image = read_volume(args.input)
-    options = PredictOptions(args.device, args.tta, args.mc_dropout, args.modality, args.restrict,
-                             cpu_bf16=args.cpu_bf16)
-    prediction = predict_with_fallback(lambda device: Predictor(bundle, device), image, options, events.progress,
-                                       lambda ood: events.emit("ood", **ood.to_dict()),
-                                       lambda text: events.emit("notice", message=text))
+    options = PredictOptions(
+        args.device, args.tta, args.mc_dropout, args.modality, args.restrict, cpu_bf16=args.cpu_bf16
+    )
+    prediction = predict_with_fallback(
+        lambda device: Predictor(bundle, device),
+        image,
+        options,
+        events.progress,
+        lambda ood: events.emit("ood", **ood.to_dict()),
+        lambda text: events.emit("notice", message=text),
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = output_paths(out, args.case or case_name(Path(args.input)), ".nrrd" if args.raw_outputs else ".nii.gz")
-    report = save_prediction(prediction, paths, {"input": str(args.input), "bundle": str(bundle.path)},
-                             raw=args.raw_outputs)
+    report = save_prediction(
+        prediction, paths, {"input": str(args.input), "bundle": str(bundle.path)}, raw=args.raw_outputs
+    )
     outputs = {key: str(path) for key, path in paths.items()}
     events.emit("done", outputs=outputs, report=report)
     return outputs
@@ -128,8 +143,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--restrict-to-context", dest="restrict", action="store_true", default=None)
     p.add_argument("--no-restrict-to-context", dest="restrict", action="store_false")
     p.add_argument("--cpu-bf16", action="store_true")
-    p.add_argument("--raw-outputs", action="store_true",
-                   help="uncompressed NRRD outputs (for a reader on a GUI thread); default: the files of mtseg predict")
+    p.add_argument(
+        "--raw-outputs",
+        action="store_true",
+        help="uncompressed NRRD outputs (for a reader on a GUI thread); default: the files of mtseg predict",
+    )
     return p
 
 
@@ -148,5 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from .inference import allow_malloc_tuning
+
     allow_malloc_tuning()  # the child process is ours alone: the heap tuning cannot reach Slicer from here
     sys.exit(main())

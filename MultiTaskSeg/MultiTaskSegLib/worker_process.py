@@ -5,6 +5,7 @@ what the child has appended to its event file since the last one, so the GUI thr
 waits. The child's stdout goes to a file (not a pipe) so that reading never blocks, on any OS.
 Cancel kills the whole process tree (PythonSlicer is a launcher with the real Python below it).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,14 @@ class WorkerError(MultiTaskSegError):
 
 
 def worker_arguments(bundle_path: str | Path, options: PredictOptions) -> list[str]:
-    args = ["--bundle", str(Path(bundle_path).resolve()),  # the child runs in another folder
-            "--device", options.device, "--mc-dropout", str(int(options.mc_dropout))]
+    args = [
+        "--bundle",
+        str(Path(bundle_path).resolve()),  # the child runs in another folder
+        "--device",
+        options.device,
+        "--mc-dropout",
+        str(int(options.mc_dropout)),
+    ]
     if options.tta:
         args.append("--tta")
     if options.modality:
@@ -50,15 +57,33 @@ def worker_arguments(bundle_path: str | Path, options: PredictOptions) -> list[s
 class WorkerProcess:
     """One prediction in a child process. ``poll()`` returns the events that arrived since the last call."""
 
-    def __init__(self, image: sitk.Image, bundle_path: str | Path, options: PredictOptions,
-                 python: str | None = None, env: dict | None = None, extra_args: Sequence[str] = ()):
+    def __init__(
+        self,
+        image: sitk.Image,
+        bundle_path: str | Path,
+        options: PredictOptions,
+        python: str | None = None,
+        env: dict | None = None,
+        extra_args: Sequence[str] = (),
+    ):
         self.work_dir = Path(tempfile.mkdtemp(prefix="MultiTaskSeg-"))
         self.output_dir = self.work_dir / "out"
         input_path = self.work_dir / "input.nrrd"
         sitk.WriteImage(image, str(input_path), useCompression=False)  # fast; deleted with the folder
-        self.command = [python or sys.executable, "-m", "MultiTaskSegLib.worker", "--input", str(input_path),
-                        "--output-dir", str(self.output_dir), "--case", "case", "--raw-outputs",
-                        *worker_arguments(bundle_path, options), *extra_args]
+        self.command = [
+            python or sys.executable,
+            "-m",
+            "MultiTaskSegLib.worker",
+            "--input",
+            str(input_path),
+            "--output-dir",
+            str(self.output_dir),
+            "--case",
+            "case",
+            "--raw-outputs",
+            *worker_arguments(bundle_path, options),
+            *extra_args,
+        ]
         self._events_path, self._stderr_path = self.work_dir / "events.jsonl", self.work_dir / "stderr.log"
         self._offset, self._partial = 0, b""
         self.final: dict | None = None  # the done / error event, once it arrived
@@ -68,8 +93,15 @@ class WorkerProcess:
             kwargs: dict[str, Any] = {"start_new_session": True}
             if sys.platform == "win32":  # (the spelling mypy understands for a Windows-only constant)
                 kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-            self._proc = subprocess.Popen(self.command, cwd=str(PACKAGE_PARENT), stdout=out, stderr=err,
-                                          stdin=subprocess.DEVNULL, env=env, **kwargs)
+            self._proc = subprocess.Popen(
+                self.command,
+                cwd=str(PACKAGE_PARENT),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                **kwargs,
+            )
 
     # --- events --------------------------------------------------------------------
     def _read_lines(self) -> list[bytes]:
@@ -156,8 +188,14 @@ class WorkerProcess:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def predict_in_child(image: sitk.Image, bundle_path: str | Path, options: PredictOptions, python: str | None = None,
-                     env: dict | None = None, timeout: float | None = None) -> SegmentationResult:
+def predict_in_child(
+    image: sitk.Image,
+    bundle_path: str | Path,
+    options: PredictOptions,
+    python: str | None = None,
+    env: dict | None = None,
+    timeout: float | None = None,
+) -> SegmentationResult:
     """Blocking prediction in a child process (scripts); raises WorkerError with the worker's message."""
     worker = WorkerProcess(image, bundle_path, options, python, env)
     try:

@@ -4,6 +4,7 @@
 process or through the worker), the GUI's child-process run and the tests all go through it.
 Everything is computed before the scene is touched; a failure or a cancel leaves it as it was.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,11 @@ def terminology_string(entry: dict | None) -> str:
         return ""
     term = slicer.vtkSlicerTerminologyEntry()
     term.SetTerminologyContextName(TERMINOLOGY_CONTEXT)
-    for obj, key in ((term.GetCategoryObject(), "category"), (term.GetTypeObject(), "type"),
-                     (term.GetTypeModifierObject(), "modifier")):
+    for obj, key in (
+        (term.GetCategoryObject(), "category"),
+        (term.GetTypeObject(), "type"),
+        (term.GetTypeModifierObject(), "modifier"),
+    ):
         code = entry.get(key) or {}
         obj.SetCodingSchemeDesignator(str(code.get("scheme", "")))
         obj.SetCodeValue(str(code.get("code", "")))
@@ -64,8 +68,14 @@ def segment_specs(bundle_labels: list[dict]) -> list[dict]:
         fallback = describe(label["name"], index)
         rgb = label.get("color") or fallback["color"]
         entry = known_terminology(label["name"]) or label.get("terminology") or fallback["terminology"]
-        specs.append({"value": int(label["value"]), "name": label["name"],
-                      "color": tuple(float(c) / 255.0 for c in rgb[:3]), "terminology": terminology_string(entry)})
+        specs.append(
+            {
+                "value": int(label["value"]),
+                "name": label["name"],
+                "color": tuple(float(c) / 255.0 for c in rgb[:3]),
+                "terminology": terminology_string(entry),
+            }
+        )
     return specs
 
 
@@ -74,11 +84,13 @@ def result_attributes(report: dict) -> dict[str, str]:
     """Node attributes (DESIGN.md) from the report: the OOD result, and the quality estimate when present."""
     ood = report["ood"]
     threshold = ood.get("threshold")
-    attributes = {ATTR_OOD_SCORE: f"{float(ood['score']):.6g}",
-                  ATTR_OOD_THRESHOLD: "inf" if threshold is None else f"{float(threshold):.6g}",
-                  ATTR_IS_OOD: "true" if ood.get("is_ood") else "false",
-                  ATTR_NEAREST_CONTEXT: str(ood.get("nearest_context", "")),
-                  ATTR_CONTEXT: str(report.get("context", ""))}
+    attributes = {
+        ATTR_OOD_SCORE: f"{float(ood['score']):.6g}",
+        ATTR_OOD_THRESHOLD: "inf" if threshold is None else f"{float(threshold):.6g}",
+        ATTR_IS_OOD: "true" if ood.get("is_ood") else "false",
+        ATTR_NEAREST_CONTEXT: str(ood.get("nearest_context", "")),
+        ATTR_CONTEXT: str(report.get("context", "")),
+    }
     quality = report.get("quality")
     if quality and quality.get("expected_dice") is not None:
         attributes[ATTR_EXPECTED_DICE] = f"{float(quality['expected_dice']):.4g}"
@@ -105,6 +117,7 @@ class OutputNodes:
 @dataclass
 class _Prepared:
     """Everything computed before the scene is touched (a failure here changes nothing)."""
+
     labelmap: slicer.vtkOrientedImageData
     uncertainty: vtk.vtkImageData
     ijk_to_ras: vtk.vtkMatrix4x4
@@ -112,8 +125,9 @@ class _Prepared:
     attributes: dict[str, str]
 
 
-def _prepare(input_node: slicer.vtkMRMLScalarVolumeNode, result: SegmentationResult,
-             bundle_labels: list[dict]) -> _Prepared:
+def _prepare(
+    input_node: slicer.vtkMRMLScalarVolumeNode, result: SegmentationResult, bundle_labels: list[dict]
+) -> _Prepared:
     ijk_to_ras = vtk.vtkMatrix4x4()
     input_node.GetIJKToRASMatrix(ijk_to_ras)
     labels = sitk.GetArrayFromImage(result.labels).astype(np.uint8, copy=False)
@@ -142,9 +156,14 @@ def _place_beside(scene: slicer.vtkMRMLScene, input_node, nodes: list) -> None:
             sh.CreateItem(parent, node)
 
 
-def load_result(scene: slicer.vtkMRMLScene, input_node: slicer.vtkMRMLScalarVolumeNode, result: SegmentationResult,
-                bundle_labels: list[dict], segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
-                uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None) -> OutputNodes:
+def load_result(
+    scene: slicer.vtkMRMLScene,
+    input_node: slicer.vtkMRMLScalarVolumeNode,
+    result: SegmentationResult,
+    bundle_labels: list[dict],
+    segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
+    uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
+) -> OutputNodes:
     """Put a result into the scene; given output nodes are reused (replaced), others created.
 
     Everything is computed first; if writing fails, nodes created here are removed again.
@@ -224,10 +243,15 @@ def segment_terminology(segment: slicer.vtkSegment) -> str:
 
 
 # --- the whole run -------------------------------------------------------------------
-def segment_node(scene: slicer.vtkMRMLScene, input_node: slicer.vtkMRMLScalarVolumeNode, predict: Predict,
-                 bundle_labels: list[dict], segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
-                 uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
-                 image: sitk.Image | None = None) -> tuple[OutputNodes, SegmentationResult]:
+def segment_node(
+    scene: slicer.vtkMRMLScene,
+    input_node: slicer.vtkMRMLScalarVolumeNode,
+    predict: Predict,
+    bundle_labels: list[dict],
+    segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
+    uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
+    image: sitk.Image | None = None,
+) -> tuple[OutputNodes, SegmentationResult]:
     """Node → predict → nodes. ``predict`` maps the node's voxels to a SegmentationResult (in this
     process, or through the worker); the scene is touched only after it returned.
 

@@ -3,6 +3,7 @@
 Works on the scene's slice composite nodes, which exist only where views exist; without the
 application (tests, batch) there are none and these functions do nothing harmful.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,15 @@ def uncertainty_color_table(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTa
     node.SetNumberOfColors(n)
     node.GetLookupTable().SetRange(0.0, 1.0)
     # inferno-like ramp; low uncertainty transparent so the anatomy shows through
-    anchors = np.array([[0.0, 0.0, 0.0, 0.02], [0.25, 0.34, 0.06, 0.43], [0.5, 0.73, 0.21, 0.33],
-                        [0.75, 0.98, 0.55, 0.04], [1.0, 0.99, 1.0, 0.64]])
+    anchors = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.02],
+            [0.25, 0.34, 0.06, 0.43],
+            [0.5, 0.73, 0.21, 0.33],
+            [0.75, 0.98, 0.55, 0.04],
+            [1.0, 0.99, 1.0, 0.64],
+        ]
+    )
     for i in range(n):
         t = i / (n - 1)
         rgb = [np.interp(t, anchors[:, 0], anchors[:, k]) for k in (1, 2, 3)]
@@ -47,8 +55,9 @@ def show_uncertainty(uncertainty_node: slicer.vtkMRMLScalarVolumeNode, scene: sl
         display.SetWindowLevelMinMax(0.0, 1.0)
 
 
-def show_results(scene: slicer.vtkMRMLScene, input_node, segmentation_node, uncertainty_node,
-                 opacity: float = 0.4) -> None:
+def show_results(
+    scene: slicer.vtkMRMLScene, input_node, segmentation_node, uncertainty_node, opacity: float = 0.4
+) -> None:
     """Input as background and uncertainty as foreground of every slice view; segmentation visible."""
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")

@@ -1,6 +1,7 @@
 """The body of the module's self-test, free of Qt so that it runs both in Slicer
 (``MultiTaskSegTest``) and under pytest with slicer-core (Testing/test_slicer_selftest.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ def _check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, sample_path: Path = SAMPLE_VOLUME,
-                 log: Callable[[str], None] = print, time_limit_s: float | None = TIME_LIMIT_S) -> dict:
+def run_selftest(
+    scene,
+    process: Callable,
+    bundle_path: Path = DEFAULT_BUNDLE,
+    sample_path: Path = SAMPLE_VOLUME,
+    log: Callable[[str], None] = print,
+    time_limit_s: float | None = TIME_LIMIT_S,
+) -> dict:
     """Segment the sample volume with ``process`` (the module logic's blocking call) and check the scene.
 
     ``process(inputVolume, modelPath=…, device=…, scene=…, segmentationNode=…, uncertaintyNode=…,
@@ -51,8 +58,14 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
     log("Segmenting on CPU")
     stages = []
     start = time.perf_counter()
-    outputs, result = process(input_node, modelPath=str(bundle_path), device="cpu", scene=scene,
-                                  progress=lambda stage, fraction: stages.append(stage), showResults=False)
+    outputs, result = process(
+        input_node,
+        modelPath=str(bundle_path),
+        device="cpu",
+        scene=scene,
+        progress=lambda stage, fraction: stages.append(stage),
+        showResults=False,
+    )
     elapsed = time.perf_counter() - start
     log(f"Segmented in {elapsed:.1f} s")
     if time_limit_s is not None:
@@ -66,13 +79,19 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
     label_names = {int(v): name for v, name in result.report["labels"].items()}
     _check(names == [label_names[v] for v in sorted(label_names)], f"segments {names} do not match the model's labels")
     for i in range(segmentation.GetNumberOfSegments()):
-        _check(bool(adapter.segment_terminology(segmentation.GetNthSegment(i))), f"segment {names[i]} has no terminology")
+        _check(
+            bool(adapter.segment_terminology(segmentation.GetNthSegment(i))), f"segment {names[i]} has no terminology"
+        )
     _check(sum(result.report["volumes_ml"].values()) > 0, "nothing was segmented in the sample volume")
 
-    _check(np.allclose(adapter.node_ijk_to_ras(unc_node), adapter.node_ijk_to_ras(input_node)),
-           "the uncertainty volume is not on the input grid")
-    _check(unc_node.GetImageData().GetDimensions() == input_node.GetImageData().GetDimensions(),
-           "the uncertainty volume has another size than the input")
+    _check(
+        np.allclose(adapter.node_ijk_to_ras(unc_node), adapter.node_ijk_to_ras(input_node)),
+        "the uncertainty volume is not on the input grid",
+    )
+    _check(
+        unc_node.GetImageData().GetDimensions() == input_node.GetImageData().GetDimensions(),
+        "the uncertainty volume has another size than the input",
+    )
     score = float(seg_node.GetAttribute(adapter.ATTR_OOD_SCORE))
     _check(math.isfinite(score) and score >= 0, f"OOD score {score} is not a finite distance")
     for key in (adapter.ATTR_OOD_THRESHOLD, adapter.ATTR_IS_OOD, adapter.ATTR_NEAREST_CONTEXT):
@@ -80,8 +99,15 @@ def run_selftest(scene, process: Callable, bundle_path: Path = DEFAULT_BUNDLE, s
 
     log("Running again into the same outputs")
     before = _node_ids(scene)
-    process(input_node, modelPath=str(bundle_path), device="cpu", scene=scene, segmentationNode=seg_node,
-            uncertaintyNode=unc_node, showResults=False)
+    process(
+        input_node,
+        modelPath=str(bundle_path),
+        device="cpu",
+        scene=scene,
+        segmentationNode=seg_node,
+        uncertaintyNode=unc_node,
+        showResults=False,
+    )
     _check(_node_ids(scene) == before, "running again with the same outputs added nodes")
 
     log("Cancelling a run")

@@ -1,4 +1,5 @@
 """Volume nodes ↔ SimpleITK images, with the geometry (IJK→RAS ↔ LPS origin/spacing/direction) exact."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,8 +69,10 @@ def volume_node_to_image(node: slicer.vtkMRMLScalarVolumeNode) -> sitk.Image:
         raise InputVolumeError(f"{name}: the volume has no voxels (empty node); load an image first")
     components = image_data.GetNumberOfScalarComponents()
     if components != 1 or node.IsA("vtkMRMLVectorVolumeNode"):
-        raise InputVolumeError(f"{name}: image has {components} components per voxel; a single-channel (scalar) "
-                               "volume is needed — extract one channel first (Vector to Scalar Volume module)")
+        raise InputVolumeError(
+            f"{name}: image has {components} components per voxel; a single-channel (scalar) "
+            "volume is needed — extract one channel first (Vector to Scalar Volume module)"
+        )
     dims = image_data.GetDimensions()
     if 0 in dims:
         raise InputVolumeError(f"{name}: image is empty (size {dims})")
@@ -90,7 +93,9 @@ def image_data_from_array(array: np.ndarray) -> vtk.vtkImageData:
     return image_data
 
 
-def add_volume_node_from_image(scene: slicer.vtkMRMLScene, image: sitk.Image, name: str) -> slicer.vtkMRMLScalarVolumeNode:
+def add_volume_node_from_image(
+    scene: slicer.vtkMRMLScene, image: sitk.Image, name: str
+) -> slicer.vtkMRMLScalarVolumeNode:
     """Add a scalar volume node holding ``image`` (used by the self-test and the tests)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", name)

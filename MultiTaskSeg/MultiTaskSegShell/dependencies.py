@@ -2,6 +2,7 @@
 
 Every install is asked for first; a declined install is a calm message, not an error.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,11 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _requirements() -> list[str]:
-    return [line.strip() for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.strip()
+        for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _importable(requirement: str) -> bool:
@@ -40,17 +44,23 @@ def _importable(requirement: str) -> bool:
 def ensure_torch(ask: bool) -> tuple[bool, str]:
     if importlib.util.find_spec("torch") is not None:
         import torch
+
         if version_tuple(torch.__version__) >= TORCH_MINIMUM:
             return True, ""
-        raise MultiTaskSegError(f"PyTorch {torch.__version__} is too old: MultiTaskSeg needs torch{TORCH_REQUIREMENT}. "
-                                "Uninstall it in the PyTorch Utils module, restart Slicer and press Apply again.")
+        raise MultiTaskSegError(
+            f"PyTorch {torch.__version__} is too old: MultiTaskSeg needs torch{TORCH_REQUIREMENT}. "
+            "Uninstall it in the PyTorch Utils module, restart Slicer and press Apply again."
+        )
     try:
         import PyTorchUtils
     except ImportError:
-        raise MultiTaskSegError("MultiTaskSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
-                                "Manager and restart Slicer.") from None
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=ask,
-                                                          torchVersionRequirement=TORCH_REQUIREMENT)
+        raise MultiTaskSegError(
+            "MultiTaskSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
+            "Manager and restart Slicer."
+        ) from None
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=ask, torchVersionRequirement=TORCH_REQUIREMENT
+    )
     if torch is None:
         return False, DECLINED.format(what="PyTorch")
     return True, ""
@@ -67,6 +77,7 @@ def ensure_packages(ask: bool) -> tuple[bool, str]:
     pip_ensure = getattr(packaging, "pip_ensure", None)
     if pip_ensure is not None:  # Slicer 5.12+: it asks, shows progress, skips in testing mode
         from packaging.requirements import Requirement
+
         parameters = inspect.signature(pip_ensure).parameters
         prompt = "prompt_install" if "prompt_install" in parameters else "prompt"
         try:
@@ -77,7 +88,8 @@ def ensure_packages(ask: bool) -> tuple[bool, str]:
             return False, DECLINED.format(what=", ".join(missing))
         return True, ""
     if ask and not slicer.util.confirmOkCancelDisplay(
-            f"MultiTaskSeg needs these Python packages: {', '.join(missing)}. Install them now?"):
+        f"MultiTaskSeg needs these Python packages: {', '.join(missing)}. Install them now?"
+    ):
         return False, DECLINED.format(what=", ".join(missing))
     slicer.util.pip_install(missing)
     return True, ""

@@ -5,6 +5,7 @@ path predicts in a child process (MultiTaskSegLib.worker, run with PythonSlicer)
 QTimer: the GUI thread only reads the few lines the worker appended, and loads the outputs
 into the scene after the worker has succeeded. No Python thread ever runs inference here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ POLL_INTERVAL_MS = 100
 @parameterNodeWrapper
 class MultiTaskSegParameterNode:
     """inputVolume → outputSegmentation / outputUncertainty (None = create new)."""
+
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     outputUncertainty: vtkMRMLScalarVolumeNode
@@ -66,6 +68,7 @@ def pythonSlicerExecutable() -> str:
 @dataclass
 class _Run:
     """One GUI run: the worker and what is needed to load its outputs and report."""
+
     worker: Any  # MultiTaskSegLib.worker_process.WorkerProcess
     scene: Any
     inputNode: vtkMRMLScalarVolumeNode
@@ -110,8 +113,9 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         """The bundle (hashes checked), cached while its files stay unchanged (size and mtime)."""
         path = self.bundlePath(modelPath)
         if not modelPath and not (path / "bundle.json").is_file():
-            raise BundleError(f"The default model is not installed ({path}); reinstall the extension or choose a "
-                              "model folder.")
+            raise BundleError(
+                f"The default model is not installed ({path}); reinstall the extension or choose a model folder."
+            )
         try:
             state = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir()))
         except OSError:
@@ -119,12 +123,14 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         key = (str(path.resolve()), state)
         if state is None or key not in self._bundles:
             from MultiTaskSegLib.bundle import load_bundle
+
             bundle = load_bundle(path)
             self._bundles = {key: bundle}
         return self._bundles[key]
 
     def _predictor(self, bundle, device: str):
         from MultiTaskSegLib.predictor import Predictor
+
         key = (str(bundle.path), (bundle.schema.files or {}).get("model.safetensors"), device)
         if key not in self._predictors:
             self._predictors = {key: Predictor(bundle, device)}  # keep one model in memory
@@ -133,14 +139,27 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _options(device: str, mcDropout: int, tta: bool):
         from MultiTaskSegLib.predictor import PredictOptions
+
         return PredictOptions(device=device, tta=bool(tta), mc_dropout=int(mcDropout))
 
     # --- blocking ------------------------------------------------------------------
-    def process(self, inputVolume: vtkMRMLScalarVolumeNode, segmentationNode: Optional[vtkMRMLSegmentationNode] = None,
-                uncertaintyNode: Optional[vtkMRMLScalarVolumeNode] = None, modelPath: Optional[str] = None,
-                device: str = "auto", mcDropout: int = 0, tta: bool = False, progress: Optional[Callable] = None,
-                onOOD: Optional[Callable] = None, onNotice: Optional[Callable] = None, showResults: bool = True,
-                opacity: float = 0.4, scene=None, childProcess: bool = False):
+    def process(
+        self,
+        inputVolume: vtkMRMLScalarVolumeNode,
+        segmentationNode: Optional[vtkMRMLSegmentationNode] = None,
+        uncertaintyNode: Optional[vtkMRMLScalarVolumeNode] = None,
+        modelPath: Optional[str] = None,
+        device: str = "auto",
+        mcDropout: int = 0,
+        tta: bool = False,
+        progress: Optional[Callable] = None,
+        onOOD: Optional[Callable] = None,
+        onNotice: Optional[Callable] = None,
+        showResults: bool = True,
+        opacity: float = 0.4,
+        scene=None,
+        childProcess: bool = False,
+    ):
         """Segment ``inputVolume``; blocks until done and returns ``(OutputNodes, SegmentationResult)``.
 
         In this process by default (a CancelledError raised from ``progress`` stops it before the
@@ -148,24 +167,39 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         bundleContexts)`` as in ``processInBackground``.
         """
         from MultiTaskSegLib.outputs import SegmentationResult
+
         scene = scene if scene is not None else slicer.mrmlScene
         bundle = self.loadBundle(modelPath)
         options = self._options(device, mcDropout, tta)
 
         def predictHere(image):
             from MultiTaskSegLib.worker import predict_with_fallback
-            prediction = predict_with_fallback(lambda d: self._predictor(bundle, d), image, options, progress,
-                                               onOOD and (lambda ood: onOOD(ood.to_dict(), bundle.contexts)),
-                                               onNotice or logging.warning)
+
+            prediction = predict_with_fallback(
+                lambda d: self._predictor(bundle, d),
+                image,
+                options,
+                progress,
+                onOOD and (lambda ood: onOOD(ood.to_dict(), bundle.contexts)),
+                onNotice or logging.warning,
+            )
             return SegmentationResult.from_prediction(prediction)
 
         def predictInChild(image):
             from MultiTaskSegLib.worker_process import predict_in_child
-            return predict_in_child(image, bundle.path, options, self.pythonExecutable or pythonSlicerExecutable(),
-                                    self._childEnvironment())
 
-        outputs, result = adapter.segment_node(scene, inputVolume, predictInChild if childProcess else predictHere,
-                                               bundle.labels, segmentationNode, uncertaintyNode)
+            return predict_in_child(
+                image, bundle.path, options, self.pythonExecutable or pythonSlicerExecutable(), self._childEnvironment()
+            )
+
+        outputs, result = adapter.segment_node(
+            scene,
+            inputVolume,
+            predictInChild if childProcess else predictHere,
+            bundle.labels,
+            segmentationNode,
+            uncertaintyNode,
+        )
         if showResults:
             self.showResults(scene, inputVolume, outputs, opacity)
         return outputs, result
@@ -191,28 +225,54 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
     def isRunning(self) -> bool:
         return self._run is not None
 
-    def processInBackground(self, inputVolume, segmentationNode=None, uncertaintyNode=None, modelPath=None,
-                            device: str = "auto", mcDropout: int = 0, tta: bool = False, opacity: float = 0.4,
-                            onProgress: Optional[Callable] = None, onOOD: Optional[Callable] = None,
-                            onNotice: Optional[Callable] = None, onFinished: Optional[Callable] = None,
-                            scene=None) -> None:
+    def processInBackground(
+        self,
+        inputVolume,
+        segmentationNode=None,
+        uncertaintyNode=None,
+        modelPath=None,
+        device: str = "auto",
+        mcDropout: int = 0,
+        tta: bool = False,
+        opacity: float = 0.4,
+        onProgress: Optional[Callable] = None,
+        onOOD: Optional[Callable] = None,
+        onNotice: Optional[Callable] = None,
+        onFinished: Optional[Callable] = None,
+        scene=None,
+    ) -> None:
         """Start the worker and return; callbacks run on the GUI thread from the poll timer.
 
         ``onOOD(oodDict, bundleContexts)`` comes before the outputs; ``onFinished(outputs, result,
         error, cancelled)`` exactly once.
         """
         from MultiTaskSegLib.worker_process import WorkerProcess
+
         if self._run is not None:
             raise MultiTaskSegError("A segmentation is already running; cancel it first.")
         if uncertaintyNode is not None and uncertaintyNode.GetID() == inputVolume.GetID():
             raise MultiTaskSegError("The uncertainty output cannot be the input volume; choose another output or none.")
         bundle = self.loadBundle(modelPath)
         image = adapter.volume_node_to_image(inputVolume)  # copy now: the node may change meanwhile
-        worker = WorkerProcess(image, bundle.path, self._options(device, mcDropout, tta),
-                               self.pythonExecutable or pythonSlicerExecutable(), self._childEnvironment())
+        worker = WorkerProcess(
+            image,
+            bundle.path,
+            self._options(device, mcDropout, tta),
+            self.pythonExecutable or pythonSlicerExecutable(),
+            self._childEnvironment(),
+        )
         callbacks = {"progress": onProgress, "ood": onOOD, "notice": onNotice, "finished": onFinished}
-        self._run = _Run(worker, scene if scene is not None else slicer.mrmlScene, inputVolume, image, bundle,
-                         segmentationNode, uncertaintyNode, opacity, callbacks)
+        self._run = _Run(
+            worker,
+            scene if scene is not None else slicer.mrmlScene,
+            inputVolume,
+            image,
+            bundle,
+            segmentationNode,
+            uncertaintyNode,
+            opacity,
+            callbacks,
+        )
         self.tickSeconds = []
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -247,6 +307,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
 
     def _handle(self, run: _Run, events: list) -> None:
         from MultiTaskSegLib.worker_process import WorkerError
+
         for event in events:
             kind = event.get("event")
             if kind == "progress":
@@ -260,9 +321,15 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
             elif kind == "error":
                 return self._finish(error=WorkerError(event.get("message", "the worker failed")))
             elif kind == "done":  # the scene is written here, on the GUI thread, and only now
-                outputs, result = adapter.segment_node(run.scene, run.inputNode, lambda image: run.worker.result(),
-                                                       run.bundle.labels, run.segmentationNode, run.uncertaintyNode,
-                                                       image=run.image)
+                outputs, result = adapter.segment_node(
+                    run.scene,
+                    run.inputNode,
+                    lambda image: run.worker.result(),
+                    run.bundle.labels,
+                    run.segmentationNode,
+                    run.uncertaintyNode,
+                    image=run.image,
+                )
                 self.showResults(run.scene, run.inputNode, outputs, run.opacity)
                 return self._finish(outputs, result)
 
