@@ -40,17 +40,30 @@ class WindowConfig:
         return {"patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size}
 
 
+def resolve_device(requested: str = "auto", cuda_available: bool | None = None) -> tuple[str, str | None]:
+    """The one reading of a device request ('auto', 'cpu', 'gpu', 'cuda', 'cuda:N'): (device, notice).
+
+    A GPU that is asked for but missing falls back to the CPU with a notice for the user (the Slicer
+    module and its worker); ``select_device`` is the strict form.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    requested = (requested or "auto").lower()
+    if requested == "cpu":
+        return "cpu", None
+    if cuda_available:
+        return (requested if requested.startswith("cuda") else "cuda"), None
+    if requested == "auto":
+        return "cpu", "No CUDA GPU found: running on the CPU (slower)."
+    return "cpu", "A GPU was requested but no CUDA GPU is available: running on the CPU instead (slower)."
+
+
 def select_device(requested: str = "auto") -> torch.device:
-    """'auto' → CUDA when available, else CPU; asking for CUDA without one is an error the caller reports."""
-    if requested in ("auto", "gpu"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if requested == "gpu":
-            raise RuntimeError("CUDA was requested but no CUDA GPU is available")
-        return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    """Strict form for the Predictor and training: asking for a GPU without one is an error the caller reports."""
+    device, notice = resolve_device(requested)
+    if notice is not None and (requested or "auto").lower() != "auto":
         raise RuntimeError("CUDA was requested but no CUDA GPU is available")
-    return torch.device(requested)
+    return torch.device(device)
 
 
 def autocast_context(device: torch.device, cpu_bf16: bool = False):

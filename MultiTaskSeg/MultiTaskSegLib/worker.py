@@ -26,6 +26,7 @@ import torch
 
 from .bundle import load_bundle
 from .errors import MultiTaskSegError
+from .inference import resolve_device
 from .ood import OODResult
 from .outputs import output_paths, save_prediction
 from .predictor import Prediction, PredictOptions, Predictor
@@ -33,25 +34,6 @@ from .volume_io import case_name, read_volume
 
 Notice = Callable[[str], None]
 PredictorFactory = Callable[[str], Predictor]  # device ('cpu' / 'cuda') → Predictor
-
-
-def resolve_device(requested: str, cuda_available: bool | None = None) -> tuple[str, str | None]:
-    """(device to use, notice for the user or None); a missing GPU falls back to CPU.
-
-    The lenient resolver (the GUI and the worker fall back and say so). ``inference.select_device``
-    is the strict one (Predictor, training: a missing GPU is an error); both read 'auto'/'gpu'/'cuda'
-    the same way. Folding select_device into this one needs inference.py changed: left for after
-    the speed branch's merge (issue 13 item 6)."""
-    if cuda_available is None:
-        cuda_available = torch.cuda.is_available()
-    requested = (requested or "auto").lower()
-    if requested == "cpu":
-        return "cpu", None
-    if cuda_available:
-        return "cuda", None
-    if requested == "auto":
-        return "cpu", "No CUDA GPU found: running on the CPU (slower)."
-    return "cpu", "A GPU was requested but no CUDA GPU is available: running on the CPU instead (slower)."
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
