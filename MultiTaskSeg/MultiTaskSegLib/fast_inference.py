@@ -12,6 +12,7 @@ caller has just created. Outputs equal the training layers' up to float rounding
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def enable_cpu_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     not: it runs PyTorch's standard layers, e.g. as a benchmark's peer)."""
     for m in model.modules():
         if hasattr(m, "cpu_kernels"):
-            m.cpu_kernels = enabled
+            cast(Any, m).cpu_kernels = enabled  # a plain attribute of the model's own classes
     return model
 
 
@@ -44,7 +45,8 @@ def prepare_for_cpu_inference(model: nn.Module) -> nn.Module:
     """The kernels on, and channels-last weights: oneDNN then needs no per-call weight reorder (~6 % on
     the default model). Same values; ``save_bundle`` stores contiguous copies, so a bundle written from
     it is unchanged."""
-    return enable_cpu_kernels(model.to(memory_format=CHANNELS_LAST))
+    # Module.to accepts memory_format at runtime; torch's stubs omit it
+    return enable_cpu_kernels(model.to(memory_format=CHANNELS_LAST))  # type: ignore[call-overload]
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

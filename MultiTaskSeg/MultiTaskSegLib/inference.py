@@ -13,13 +13,16 @@ import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError  # noqa: F401  (re-exported for callers of progress callbacks)
+
+if TYPE_CHECKING:
+    from .network import NetworkConfig
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -139,6 +142,7 @@ def _forward(
         out = y if out is None else out + y
         if not flip:
             feats = f
+    assert out is not None  # flips always holds the unflipped pass
     return (out / len(flips) if len(flips) > 1 else out), feats
 
 
@@ -246,7 +250,7 @@ def sliding_window(
     slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts]
     image = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
     gauss = torch.from_numpy(gaussian_importance(patch)).to(device)
-    out_channels = model.config.out_channels
+    out_channels = cast("NetworkConfig", model.config).out_channels
     logits = torch.zeros((out_channels, *shape), dtype=torch.float32, device=device)
     weight = torch.zeros(shape, dtype=torch.float32, device=device)
     for sl in slices:  # blending weights first: the Gram weights below need them
@@ -278,8 +282,11 @@ def sliding_window(
         else:
             out, feats = _forward(model, torch.stack([image[sl] for sl in sls])[:, None], taps, config, device)
             out.mul_(gauss)  # in place: the blending weight, without a temporary
-        grams, weights, seconds = {}, {}, 0.0
+        grams: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
+        seconds = 0.0
         if taps:
+            assert share is not None  # computed above whenever taps are given
             t = time.perf_counter()
             grams, weights = _gram_terms(feats, torch.stack([gauss * share[sl] for sl in sls])[:, None], taps)
             seconds = time.perf_counter() - t
@@ -302,12 +309,12 @@ def sliding_window(
                 context_sum = context if context_sum is None else context_sum + context
             gram_s += seconds
             for k, sl in enumerate(sls):
-                logits[(slice(None), *sl)] += out[k]  # already weighted by the Gaussian
+                logits[(slice(None),) + sl] += out[k]  # already weighted by the Gaussian
             done += len(sls)
             if progress is not None:
                 progress(stage, min(1.0, done / len(slices)))
     logits /= weight
-    logits = logits[(slice(None), *crop)].float().cpu()
+    logits = logits[(slice(None),) + crop].float().cpu()
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
     context = None if context_sum is None else (context_sum / len(slices)).cpu().numpy()
     return WindowResult(logits, gram, context, len(slices), gram_s, len(constant))

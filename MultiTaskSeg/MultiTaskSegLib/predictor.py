@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -296,15 +296,17 @@ class Predictor:
     @staticmethod
     def _labels_sitk(probs: torch.Tensor, classes: list[int], grid: sitk.Image, reference: sitk.Image) -> np.ndarray:
         """The argmax through SimpleITK, one class at a time (oblique input grids)."""
-        best = labels = None
+        best: np.ndarray | None = None
+        labels: np.ndarray | None = None
         for c in classes:
             p = grid_to_input(probs[c].numpy(), grid, reference, default=1.0 if c == 0 else 0.0)
             if best is None:
                 best, labels = p, np.zeros(p.shape, np.uint8)
             else:
+                assert labels is not None  # set together with best
                 labels[p > best] = c
                 np.maximum(best, p, out=best)
-        return labels
+        return cast(np.ndarray, labels)  # classes always holds the background, 0
 
     to_input_grid = _to_input_grid  # the public name of the stage
 

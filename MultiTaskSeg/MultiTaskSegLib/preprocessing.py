@@ -8,7 +8,7 @@ detected from the intensities themselves (CT is in Hounsfield units, with air ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,7 +42,8 @@ class PreprocessingConfig:
     def from_dict(cls, d: dict) -> "PreprocessingConfig":
         ct = d.get("intensity", {}).get("CT", {}).get("clip_hu", CT_WINDOW)
         mr = d.get("intensity", {}).get("MR", {}).get("clip_percentiles", MR_PERCENTILES)
-        return cls(tuple(float(s) for s in d["target_spacing"]), tuple(ct), tuple(mr))
+        spacing = cast("tuple[float, float, float]", tuple(float(s) for s in d["target_spacing"]))
+        return cls(spacing, tuple(ct), tuple(mr))
 
 
 def _sample(array: np.ndarray, max_voxels: int = 2_000_000) -> np.ndarray:
@@ -82,10 +83,10 @@ def canonical_grid(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
     )
     points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
     low, high = points.min(0), points.max(0)
-    spacing = np.asarray(spacing, dtype=float)
-    new_size = np.maximum(np.round((high - low) / spacing).astype(int) + 1, 1)
+    step = np.asarray(spacing, dtype=float)
+    new_size = np.maximum(np.round((high - low) / step).astype(int) + 1, 1)
     grid = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)
-    grid.SetSpacing(spacing.tolist())
+    grid.SetSpacing(step.tolist())
     grid.SetOrigin(low.tolist())
     grid.SetDirection(np.eye(3).ravel().tolist())
     return grid
@@ -121,10 +122,10 @@ class PreprocessedImage:
 
 def _sigmas(source: Sequence[float], target: Sequence[float]) -> np.ndarray | None:
     """Anti-aliasing sigmas (mm) per axis (x, y, z): None when no axis is downsampled enough to need it."""
-    source, target = np.asarray(source, dtype=float), np.asarray(target, dtype=float)
-    if np.all(target <= 1.5 * source):
+    src, tgt = np.asarray(source, dtype=float), np.asarray(target, dtype=float)
+    if np.all(tgt <= 1.5 * src):
         return None
-    return np.where(target > 1.5 * source, np.sqrt(np.maximum(target**2 - source**2, 0.0)) / 2.355, 0.0)
+    return np.where(tgt > 1.5 * src, np.sqrt(np.maximum(tgt**2 - src**2, 0.0)) / 2.355, 0.0)
 
 
 def _recursive_gaussian(x: torch.Tensor, axis: int, sigma: float, spacing: float) -> torch.Tensor:
@@ -174,10 +175,10 @@ def preprocess(image: sitk.Image, config: PreprocessingConfig, modality: str | N
         sigmas = _sigmas(image.GetSpacing(), config.target_spacing)
         normalised = normalise_intensities(array, modality, config)
         return PreprocessedImage(_smooth_and_sample(normalised, image, maps, sigmas), grid, modality)
-    normalised = sitk.GetImageFromArray(normalise_intensities(array, modality, config))
-    normalised.CopyInformation(image)
-    normalised = _antialias(normalised, config.target_spacing)
-    resampled = sitk.Resample(normalised, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    normalised_image = sitk.GetImageFromArray(normalise_intensities(array, modality, config))
+    normalised_image.CopyInformation(image)
+    smoothed = _antialias(normalised_image, config.target_spacing)
+    resampled = sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return PreprocessedImage(sitk.GetArrayFromImage(resampled), grid, modality)
 
 

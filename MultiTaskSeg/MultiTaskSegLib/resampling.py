@@ -81,10 +81,10 @@ def interpolate_along(
     lead = (slice(None),) * dim  # advanced indexing: index_select is erratic on CPU (up to 100× slower, torch 2.13)
     shape = [1] * x.dim()
     shape[dim] = -1
-    out = torch.lerp(x[(*lead, low)], x[(*lead, high)], m.weight[rows].view(shape))
+    out = torch.lerp(x[lead + (low,)], x[lead + (high,)], m.weight[rows].view(shape))
     outside = ~m.inside[rows]
     if outside.any():  # constant along the remaining axes, so later interpolation keeps it exact
-        index = [slice(None)] * x.dim()
+        index: list[slice | torch.Tensor] = [slice(None)] * x.dim()
         index[dim] = outside
         out[tuple(index)] = defaults.view(-1, *[1] * (x.dim() - 1))
     return out

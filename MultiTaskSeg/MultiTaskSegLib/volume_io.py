@@ -214,8 +214,8 @@ def write_fraction_map(image: sitk.Image, path: str | os.PathLike, level: int = 
         if path.name.lower().endswith(".gz"):
             tmp = path.with_name(f".{path.name}.partial")
             with open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=level) as dst:
-                while chunk := src.read(1 << 24):
-                    dst.write(chunk)
+                while block := src.read(1 << 24):
+                    dst.write(block)
             os.replace(tmp, path)
         else:
             os.replace(raw, path)
