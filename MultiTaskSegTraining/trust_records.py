@@ -25,7 +25,7 @@ from MultiTaskSegLib.ood import signature_from_grams
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.preprocessing import preprocess
 from MultiTaskSegLib.quality import structure_evidence
-from MultiTaskSegLib.uncertainty import merge_other_contexts, normalised_entropy, restrict_labels
+from MultiTaskSegLib.uncertainty import class_argmax, merge_other_contexts, normalised_entropy, restrict_labels
 
 from .evaluate_metrics import dice, json_clean
 from .ood_baselines import image_geometry, uncertainty_scores
@@ -51,7 +51,7 @@ def image_record(
     allowed = predictor.context_labels[ctx]
     entropy = normalised_entropy(merge_other_contexts(probs, allowed))
     t = time.perf_counter()
-    canon = restrict_labels(probs.argmax(0).numpy().astype(np.uint8), allowed)
+    canon = restrict_labels(class_argmax(probs), allowed)
     voxel_ml = float(np.prod(pre.grid.GetSpacing())) / 1000.0
     wanted = sorted(set(allowed) | set(structures or {}))
     evidence = structure_evidence(probs, canon, entropy, wanted, voxel_ml)

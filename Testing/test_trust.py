@@ -170,3 +170,15 @@ def test_predict_report_carries_quality_beside_ood(untrained_bundle, tmp_path, t
     assert "quality" in report["timings_s"]
     old = Predictor(untrained_bundle, "cpu").predict(tiny_image, PredictOptions()).report()
     assert old["quality"] is None and "ood" in old
+
+
+def test_class_argmax_equals_torch_argmax_including_ties():
+    from MultiTaskSegLib.uncertainty import class_argmax
+
+    torch.manual_seed(3)
+    probs = torch.softmax(torch.randn(6, 7, 8, 9), 0)
+    probs[:, 0, 0, :3] = 1.0 / 6  # exact ties: the first class wins, as with argmax
+    probs[2:4, 1, 1, 1] = 0.5
+    probs[[0, 1, 4, 5], 1, 1, 1] = 0.0
+    assert np.array_equal(class_argmax(probs), probs.argmax(0).numpy().astype(np.uint8))
+    assert class_argmax(probs)[0, 0, 0] == 0 and class_argmax(probs)[1, 1, 1] == 2

@@ -25,7 +25,13 @@ from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
 from .quality import QualityResult, structure_evidence
 from .resampling import axis_maps, resample_slab, slabs
-from .uncertainty import merge_other_contexts, normalised_entropy, restrict_labels, softmax_with_temperature
+from .uncertainty import (
+    class_argmax,
+    merge_other_contexts,
+    normalised_entropy,
+    restrict_labels,
+    softmax_with_temperature,
+)
 from .volume_io import array_to_image, validate_volume
 
 
@@ -165,7 +171,7 @@ class Predictor:
         if self.quality_model is None:
             return None
         allowed = self.context_labels[context_index]
-        labels = restrict_labels(probs.argmax(0).numpy().astype(np.uint8), allowed)
+        labels = restrict_labels(class_argmax(probs), allowed)
         voxel_ml = float(np.prod(self.preprocessing.target_spacing)) / 1000.0
         evidence = structure_evidence(probs, labels, entropy, allowed, voxel_ml)
         confidence = 1.0

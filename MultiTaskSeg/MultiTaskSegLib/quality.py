@@ -41,10 +41,9 @@ def structure_evidence(
     counts = torch.bincount(lab, minlength=n_classes).double()
     inside = torch.bincount(lab, weights=p_own.double(), minlength=n_classes)
     ent = torch.bincount(lab, weights=entropy.reshape(-1).double(), minlength=n_classes)
-    totals = probs.reshape(n_classes, -1).sum(1, dtype=torch.float64)
     out = {}
     for v in structures:
-        n, total = float(counts[v]), float(totals[v])
+        n, total = float(counts[v]), float(probs[v].sum(dtype=torch.float64))  # only the rows needed
         out[v] = {
             "soft_dice": 2.0 * float(inside[v]) / (total + n) if total + n > 0 else 0.0,
             "mean_entropy": float(ent[v]) / n if n else 1.0,

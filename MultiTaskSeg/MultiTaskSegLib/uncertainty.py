@@ -46,3 +46,15 @@ def merge_other_contexts(probs: torch.Tensor, allowed: list[int]) -> torch.Tenso
     keep[list(allowed)] = True
     keep[0] = False
     return torch.cat([probs[~keep].sum(0, keepdim=True), probs[keep]], dim=0)
+
+
+def class_argmax(probs: torch.Tensor) -> np.ndarray:
+    """uint8 argmax over the class axis of (C, z, y, x) probabilities, the first class winning ties
+    (as ``argmax``), one class at a time: a reduction over the outer axis is several times slower."""
+    best = probs[0].clone()
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    for c in range(1, probs.shape[0]):
+        win = probs[c] > best
+        labels[win] = c
+        torch.maximum(best, probs[c], out=best)
+    return labels.numpy()
