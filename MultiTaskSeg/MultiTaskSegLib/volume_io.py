@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import InputVolumeError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -170,9 +171,8 @@ def write_volume(image: sitk.Image, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix) as tmp:  # ITK picks the format by the extension
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
 FRACTION_STEPS = 255  # a [0, 1] map on disk: uint8 k means k / 255 (scl_slope), error at most 1/510
@@ -202,25 +202,29 @@ def write_fraction_map(image: sitk.Image, path: str | os.PathLike, level: int = 
     quantised = sitk.GetImageFromArray(steps)
     quantised.CopyInformation(image)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.with_name(f".{path.name}.partial.nii")
+    if not path.name.lower().endswith(".gz"):
+        with atomic_path(path, ".nii") as tmp:
+            _write_scaled_nifti(quantised, tmp)
+        return
+    raw = path.with_name(f".{path.name}.{os.getpid()}.raw.nii")
     try:
-        sitk.WriteImage(quantised, str(raw), useCompression=False)  # ITK writes the geometry
-        with open(raw, "r+b") as f:
-            order = "<" if struct.unpack("<i", f.read(4))[0] == 348 else ">"
-            f.seek(112)  # scl_slope, scl_inter, then (after slice_end/code, xyzt_units) cal_max, cal_min
-            f.write(struct.pack(order + "2f", 1.0 / FRACTION_STEPS, 0.0))
-            f.seek(124)
-            f.write(struct.pack(order + "2f", 1.0, 0.0))
-        if path.name.lower().endswith(".gz"):
-            tmp = path.with_name(f".{path.name}.partial")
-            with open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=level) as dst:
-                while block := src.read(1 << 24):
-                    dst.write(block)
-            os.replace(tmp, path)
-        else:
-            os.replace(raw, path)
+        _write_scaled_nifti(quantised, raw)
+        with atomic_path(path) as tmp, open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=level) as dst:
+            while block := src.read(1 << 24):
+                dst.write(block)
     finally:
         raw.unlink(missing_ok=True)
+
+
+def _write_scaled_nifti(steps: sitk.Image, path: Path) -> None:
+    """Uncompressed NIfTI of the uint8 steps with scl_slope 1/255 (ITK writes the geometry)."""
+    sitk.WriteImage(steps, str(path), useCompression=False)
+    with open(path, "r+b") as f:
+        order = "<" if struct.unpack("<i", f.read(4))[0] == 348 else ">"
+        f.seek(112)  # scl_slope, scl_inter, then (after slice_end/code, xyzt_units) cal_max, cal_min
+        f.write(struct.pack(order + "2f", 1.0 / FRACTION_STEPS, 0.0))
+        f.seek(124)
+        f.write(struct.pack(order + "2f", 1.0, 0.0))
 
 
 def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
