@@ -4,8 +4,8 @@
     python benchmarks/train_step_ab.py [--threads 1] [--steps 4] [--repeats 2]
 
 Times process CPU time per step (not wall time), so the figures hold on a machine shared with other
-jobs; the default architecture, batch 2 of 64³ patches, the partial-label loss and AdamW, as
-`mtseg train` runs them. The modes alternate, so slow drifts hit all of them alike.
+jobs; the default architecture, batch 2 of 64³ patches, `mtseg train`'s own training step
+(`train.training_step`). The modes alternate, so slow drifts hit all of them alike.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
-from MultiTaskSegTraining.losses import partial_label_loss
+from MultiTaskSegTraining.train import training_step
 
 MODES = {
     "fp32": (False, False),
@@ -35,15 +35,11 @@ def cpu_seconds_per_step(bf16: bool, channels_last: bool, steps: int) -> float:
     x = torch.rand(2, 1, 64, 64, 64).to(memory_format=fmt)
     y = (x[:, 0] > 0.7).long() * 3
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
     times = []
     for k in range(steps + 1):  # the first step warms up
         t0 = time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model(x)
-        loss = partial_label_loss(logits.float(), y, [[1, 2, 3]] * 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        training_step(model, opt, scaler, x, y, [0, 1], [[1, 2, 3]] * 2, 0.2, ("cpu", torch.bfloat16, bf16))
         if k:
             times.append(time.process_time() - t0)
     return float(np.median(times))

@@ -174,9 +174,10 @@ def run_training_worker(spec: dict) -> dict:
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.network import ResidualUNet3D
     from MultiTaskSegLib.preprocessing import preprocess
+    from MultiTaskSegTraining.config import TrainConfig
     from MultiTaskSegTraining.data import CachedCase
-    from MultiTaskSegTraining.losses import partial_label_loss
     from MultiTaskSegTraining.sampling import PatchSampler, augment
+    from MultiTaskSegTraining.train import training_step
 
     from .phantoms import ct_phantom, mr_phantom
 
@@ -195,18 +196,26 @@ def run_training_worker(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     model = ResidualUNet3D(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    annotated = [list(range(1, config.out_channels))] * batch
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    annotated = [list(range(1, config.out_channels))] * 2  # per phantom dataset: every output
     data_s, step_s = [], []
     for k in range(spec["steps"] + 1):  # the first step warms up and is not counted
         t0 = time.perf_counter()
-        x, y, _ = sampler.batch(batch)
+        x, y, ds = sampler.batch(batch)
         x, y = augment(x, y, rng)
         t1 = time.perf_counter()
-        logits, _ = model(x)
-        loss = partial_label_loss(logits.float(), y.clamp_max(config.out_channels - 1), annotated)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # the real training step (loss, context head, clipping, AdamW), fp32 as `mtseg train` on CPU
+        training_step(
+            model,
+            opt,
+            scaler,
+            x,
+            y.clamp_max(config.out_channels - 1),
+            ds,
+            annotated,
+            TrainConfig().context_loss_weight,
+            ("cpu", torch.bfloat16, False),
+        )
         t2 = time.perf_counter()
         if k:
             data_s.append(t1 - t0)
