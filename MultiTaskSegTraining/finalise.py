@@ -83,12 +83,13 @@ def finalise(
         time.perf_counter() - t0,
     )
     t0 = time.perf_counter()
+    max_cases, augmentations = config.signature_max_cases, config.signature_augmentations
+    if config.trust_fit_cases != 0:  # interim detector: `mtseg train` replaces it by the trust fit's right after
+        max_cases, augmentations = 2, 0
     signature_cases = cases["train"]
-    if config.signature_max_cases:
+    if max_cases:
         signature_cases = [
-            c
-            for d in range(len(specs))
-            for c in [c for c in cases["train"] if c.dataset == d][: config.signature_max_cases]
+            c for d in range(len(specs)) for c in [c for c in cases["train"] if c.dataset == d][:max_cases]
         ]
     signatures, context_index, case_ids = case_signatures(
         model,
@@ -97,7 +98,7 @@ def finalise(
         dev,
         config.ood_layers,
         config.spectrum_length,
-        config.signature_augmentations,
+        augmentations,
         seed=config.seed,
     )
     try:
