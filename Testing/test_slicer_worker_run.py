@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,13 +17,12 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
+from cli_helpers import run_mtseg_predict  # noqa: E402
 from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
-from MultiTaskSegLib.worker_process import PACKAGE_PARENT  # noqa: E402
 from MultiTaskSegMRML import adapter  # noqa: E402
 from slicer_shell import import_shell  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TICK_S = 0.1  # POLL_INTERVAL_MS
 
 
@@ -95,35 +92,6 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_cli(bundle: Path, volume: Path, out: Path) -> float:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    start = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MultiTaskSegTraining.cli",
-            "predict",
-            "--bundle",
-            str(bundle),
-            str(volume),
-            "--output-dir",
-            str(out),
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        env=env,
-        cwd=str(ROOT),
-        capture_output=True,
-    )
-    return time.perf_counter() - start
-
-
 @pytest.mark.slow
 def test_apply_loads_exactly_what_mtseg_predict_writes(shell, scene, untrained_bundle, crop_path, tmp_path):
     node = adapter.add_volume_node_from_image(scene, sitk.ReadImage(str(crop_path)), "crop")
@@ -139,7 +107,7 @@ def test_apply_loads_exactly_what_mtseg_predict_writes(shell, scene, untrained_b
     assert "resample" in [payload for kind, payload in run.events[kinds.index("ood") :] if kind == "progress"]
     assert logic._timer.stop.called
 
-    run_cli(untrained_bundle.path, crop_path, tmp_path / "cli")
+    run_mtseg_predict(untrained_bundle.path, crop_path, tmp_path / "cli")
     cli_labels, cli_unc = read_cli_outputs(tmp_path / "cli", "crop")
     assert np.array_equal(exported_labels(scene, outputs.segmentation, node), cli_labels)
     from vtk.util import numpy_support
@@ -216,7 +184,7 @@ def test_timer_tick_and_apply_to_results_against_mtseg_predict(shell, scene, tmp
     run = Apply(logic, node, DEFAULT_BUNDLE)
     run.drive()
     cpu1 = children_cpu_s()  # the worker has been reaped: its CPU time is in
-    cli_s = run_cli(DEFAULT_BUNDLE, SAMPLE_VOLUME, tmp_path / "cli")  # second: warm file cache on its side
+    cli_s = run_mtseg_predict(DEFAULT_BUNDLE, SAMPLE_VOLUME, tmp_path / "cli")  # second: warm file cache on its side
     cpu_ratio = (cpu1 - cpu0) / (children_cpu_s() - cpu1)
     outputs, result, error, cancelled = run.finished
     assert error is None, error

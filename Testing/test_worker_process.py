@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -13,8 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_helpers import run_mtseg_predict
 from MultiTaskSegLib.predictor import PredictOptions
-from MultiTaskSegLib.worker_process import PACKAGE_PARENT, WorkerError, WorkerProcess, predict_in_child
+from MultiTaskSegLib.worker_process import WorkerError, WorkerProcess, predict_in_child
 
 CPU = PredictOptions(device="cpu")
 
@@ -68,31 +68,7 @@ def test_outputs_equal_what_mtseg_predict_writes(tmp_path, image, untrained_bund
     in-process run after other tests may differ in the last float bit, e.g. by thread settings)."""
     path = tmp_path / "case.nrrd"
     sitk.WriteImage(image, str(path))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(PACKAGE_PARENT), str(PACKAGE_PARENT.parent), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MultiTaskSegTraining.cli",
-            "predict",
-            "--bundle",
-            str(untrained_bundle.path),
-            str(path),
-            "--output-dir",
-            str(tmp_path / "cli"),
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    run_mtseg_predict(untrained_bundle.path, path, tmp_path / "cli")
     result = predict_in_child(image, untrained_bundle.path, CPU, timeout=180)
     cli_labels = sitk.ReadImage(str(tmp_path / "cli" / "case_seg.nii.gz"))
     cli_unc = sitk.ReadImage(str(tmp_path / "cli" / "case_uncertainty.nii.gz"))
