@@ -162,8 +162,9 @@ def render_markdown(report: dict) -> str:
         else:
             keeps = "yes" if tr["data_fraction"] < 0.2 else "no"
             lines += [
-                f"Default training loop (sampling with foreground oversampling + augmentation, forward, "
-                f"partial-label loss, backward, AdamW) on synthetic cases, batch {tr['batch']} × "
+                f"Default training loop (sampling with foreground oversampling + augmentation, then "
+                f"`train.training_step`: forward, partial-label + context loss, backward, clipping, AdamW) "
+                f"on synthetic cases, batch {tr['batch']} × "
                 f"{'×'.join(map(str, tr['patch']))}, {tr['steps']} timed steps, {tr['threads']} threads:",
                 "",
                 "| patches/s | median step s | median data s | data share of step | data loading keeps up |",
