@@ -180,6 +180,41 @@ def test_cancel_leaves_scene_unchanged(predictor, scene_and_input):
     assert len(calls) >= 2
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_loading_in_steps_can_be_cancelled_at_every_step(predictor, scene_and_input, reuse):
+    """The GUI loads outputs one step per timer tick; closing the steps (Cancel) at any point
+    removes what was created and gives a reused uncertainty node its previous voxels back."""
+    from vtk.util import numpy_support
+
+    scene, node = scene_and_input
+    result = SegmentationResult.from_prediction(predictor.predict(adapter.volume_node_to_image(node), CPU))
+    outputs = {}
+    if reuse:
+        first = adapter.load_result(scene, node, result, predictor.bundle.labels)
+        first.uncertainty.SetAndObserveImageData(adapter.image_data_from_array(np.zeros((3, 4, 5), np.float32)))
+        old_voxels = first.uncertainty.GetImageData()
+        outputs = {"segmentation_node": first.segmentation, "uncertainty_node": first.uncertainty}
+    stages = ["prepared", "segments built", "uncertainty loaded"]
+    for cancel_after in range(1, len(stages) + 1):
+        steps = adapter.load_steps(scene, node, lambda: result, predictor.bundle.labels, **outputs)
+        before = node_ids(scene)
+        assert [next(steps) for _ in range(cancel_after)] == stages[:cancel_after]
+        steps.close()  # what Cancel does between two ticks
+        assert node_ids(scene) == before, cancel_after
+        if reuse:
+            assert outputs["uncertainty_node"].GetImageData() is old_voxels
+            shape = numpy_support.vtk_to_numpy(old_voxels.GetPointData().GetScalars()).shape
+            assert shape == (60,)
+    # run to the end: the same nodes as the one-call load
+    steps = adapter.load_steps(scene, node, lambda: result, predictor.bundle.labels, **outputs)
+    with pytest.raises(StopIteration) as done:
+        while True:
+            next(steps)
+    loaded, _ = done.value.value
+    assert loaded.segmentation.GetSegmentation().GetNumberOfSegments() == len(predictor.bundle.labels)
+    assert np.array_equal(exported_labels(scene, loaded.segmentation, node), sitk.GetArrayFromImage(result.labels))
+
+
 @pytest.mark.parametrize("kind", ["slice2d", "vector", "empty", "constant"])
 def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
     scene = slicer.vtkMRMLScene()

@@ -213,6 +213,7 @@ NOT_SLICER = {
     "GetScalars",
     "SetScalars",
     "SetDimensions",
+    "SetExtent",
     "GetDimensions",
     "GetNumberOfScalarComponents",
     "ShallowCopy",

@@ -166,7 +166,7 @@ class WorkerProcess:
         self._kill_tree()
         self.cleanup()
 
-    def _kill_tree(self) -> None:
+    def _kill_tree(self, wait: bool = True) -> None:
         if self._proc.poll() is not None:
             return
         try:
@@ -176,15 +176,20 @@ class WorkerProcess:
                 os.killpg(self._proc.pid, signal.SIGKILL)  # the child leads its own session
         except (ProcessLookupError, PermissionError, OSError):
             self._proc.kill()
+        if not wait:
+            return  # subprocess reaps it later (Popen's own clean-up of finished children)
         try:
             self._proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self._proc.kill()
 
-    def cleanup(self) -> None:
-        """Remove the temporary folder (input copy, outputs, logs); the child is stopped first if needed."""
+    def cleanup(self, wait: bool = True) -> None:
+        """Remove the temporary folder (input copy, outputs, logs); the child is stopped first if needed.
+
+        ``wait=False`` (after a done line, when the child only exits) does not wait for it to go:
+        the GUI calls this on its main thread."""
         if self._proc.poll() is None:
-            self._kill_tree()  # after its done line the child only exits: no need to wait for that
+            self._kill_tree(wait)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 

@@ -1,14 +1,15 @@
 """Putting a segmentation result into the scene, and ``segment_node``: node → predict → nodes.
 
-``segment_node`` is the one path from a volume node to output nodes: the module's Logic (in
-process or through the worker), the GUI's child-process run and the tests all go through it.
-Everything is computed before the scene is touched; a failure or a cancel leaves it as it was.
+``load_steps`` is the one path that writes a result into the scene: ``segment_node`` (the Logic's
+blocking call, in process or through the worker) runs it at once, the GUI's background run one
+step per timer tick. Everything is computed before the scene is touched; a failure or a cancel
+leaves it as it was.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,7 +19,7 @@ import vtk
 from MultiTaskSegLib.outputs import SegmentationResult
 from MultiTaskSegLib.terminology import describe, known_terminology
 
-from .display import ATTR_COLOR_TABLE, set_uncertainty_opacity, show_results, show_uncertainty  # noqa: F401 (re-exported)
+from .display import ATTR_COLOR_TABLE, existing_color_table, set_uncertainty_opacity, show_results, show_uncertainty  # noqa: F401 (re-exported)
 from .volumes import add_volume_node_from_image, image_data_from_array, node_ijk_to_ras, volume_node_to_image  # noqa: F401 (re-exported)
 
 ATTR_OOD_SCORE = "MultiTaskSeg.OODScore"
@@ -32,6 +33,7 @@ LABEL_VALUE_TAG = "MultiTaskSeg.LabelValue"
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 
 Predict = Callable[[sitk.Image], SegmentationResult]
+LOAD_STEPS = 4  # load_steps: three yields, then the end
 
 
 # --- terminology ---------------------------------------------------------------------
@@ -135,10 +137,25 @@ def _prepare(
     if labels.shape != expected:
         raise ValueError(f"prediction grid {labels.shape} does not match the input volume {expected}")
     labelmap = slicer.vtkOrientedImageData()
-    labelmap.ShallowCopy(image_data_from_array(labels))
+    labelmap.ShallowCopy(_foreground_crop(labels))
     labelmap.SetImageToWorldMatrix(ijk_to_ras)
     uncertainty = image_data_from_array(sitk.GetArrayFromImage(result.uncertainty).astype(np.float32, copy=False))
     return _Prepared(labelmap, uncertainty, ijk_to_ras, segment_specs(bundle_labels), result_attributes(result.report))
+
+
+def _foreground_crop(labels: np.ndarray) -> vtk.vtkImageData:
+    """The label map cut to its foreground's bounding box, keeping its place through the extent
+    (importing into a segmentation scans every voxel: a body CT is mostly background)."""
+    bounds = []
+    for axis in range(3):
+        hit = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return image_data_from_array(labels)
+        bounds.append((int(hit[0]), int(hit[-1])))
+    (z0, z1), (y0, y1), (x0, x1) = bounds
+    image_data = image_data_from_array(labels[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1])
+    image_data.SetExtent(x0, x1, y0, y1, z0, z1)
+    return image_data
 
 
 def _place_beside(scene: slicer.vtkMRMLScene, input_node, nodes: list) -> None:
@@ -156,6 +173,84 @@ def _place_beside(scene: slicer.vtkMRMLScene, input_node, nodes: list) -> None:
             sh.CreateItem(parent, node)
 
 
+def load_steps(
+    scene: slicer.vtkMRMLScene,
+    input_node: slicer.vtkMRMLScalarVolumeNode,
+    get_result: Callable[[], SegmentationResult],
+    bundle_labels: list[dict],
+    segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
+    uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
+) -> Generator[str, None, tuple[OutputNodes, SegmentationResult]]:
+    """Put a result into the scene in short steps; yields the name of each step done, returns the nodes.
+
+    The GUI runs one step per timer tick so that no tick blocks Slicer for long. The first two
+    steps leave the scene alone (a new segmentation is built in a scratch scene); a reused
+    segmentation node is refilled only in the last step. Closing the generator (a cancel) or an
+    error at any point removes the nodes it created and gives a reused uncertainty node its
+    previous voxels back. Given output nodes are reused (replaced), others created.
+    """
+    if uncertainty_node is not None and uncertainty_node.GetID() == input_node.GetID():
+        raise ValueError("the uncertainty output cannot be the input volume; choose another output or none")
+    result = get_result()
+    prepared = _prepare(input_node, result, bundle_labels)
+    yield "prepared"
+    built = None
+    if segmentation_node is None:
+        scratch = slicer.vtkMRMLScene()  # import needs a scene (display nodes); not the user's yet
+        built = scratch.AddNode(slicer.vtkMRMLSegmentationNode())
+        _fill_segmentation(built, input_node, prepared)
+        scratch.RemoveNode(built)  # keeps its segments
+    yield "segments built"
+    base = input_node.GetName() or "volume"
+    created: list = []
+    restore_uncertainty = None
+    had_color_table = existing_color_table(scene) is not None
+    try:
+        if uncertainty_node is None:
+            uncertainty_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} uncertainty")
+            created.append(uncertainty_node)
+        else:
+            old_matrix = vtk.vtkMatrix4x4()
+            uncertainty_node.GetIJKToRASMatrix(old_matrix)
+            restore_uncertainty = (uncertainty_node.GetImageData(), old_matrix)
+        uncertainty_node.SetIJKToRASMatrix(prepared.ijk_to_ras)
+        uncertainty_node.SetAndObserveImageData(prepared.uncertainty)
+        uncertainty_node.SetAttribute("MultiTaskSeg.Uncertainty", "normalised predictive entropy [0, 1]")
+        show_uncertainty(uncertainty_node, scene)
+        yield "uncertainty loaded"
+        if built is not None:
+            built.SetName(scene.GenerateUniqueName(f"{base} segmentation"))
+            segmentation_node = scene.AddNode(built)
+            created.append(segmentation_node)
+        else:
+            _fill_segmentation(segmentation_node, input_node, prepared)
+        segmentation_node.CreateDefaultDisplayNodes()
+        transform_id = input_node.GetTransformNodeID()
+        for node in (segmentation_node, uncertainty_node):
+            node.SetAndObserveTransformNodeID(transform_id)
+        _place_beside(scene, input_node, created)
+    except BaseException:  # GeneratorExit (a cancel) included
+        for node in created:
+            _remove_with_display(scene, node)
+        table = existing_color_table(scene)
+        if table is not None and not had_color_table:
+            scene.RemoveNode(table)
+        if restore_uncertainty is not None:
+            uncertainty_node.SetAndObserveImageData(restore_uncertainty[0])
+            uncertainty_node.SetIJKToRASMatrix(restore_uncertainty[1])
+        raise
+    return OutputNodes(segmentation_node, uncertainty_node), result
+
+
+def _remove_with_display(scene: slicer.vtkMRMLScene, node) -> None:
+    """Remove a node this load created, with the display nodes made for it."""
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    scene.RemoveNode(node)
+    for display in displays:
+        if display is not None and display.GetScene() is not None:
+            scene.RemoveNode(display)
+
+
 def load_result(
     scene: slicer.vtkMRMLScene,
     input_node: slicer.vtkMRMLScalarVolumeNode,
@@ -164,40 +259,18 @@ def load_result(
     segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
     uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
 ) -> OutputNodes:
-    """Put a result into the scene; given output nodes are reused (replaced), others created.
-
-    Everything is computed first; if writing fails, nodes created here are removed again.
-    """
-    if uncertainty_node is not None and uncertainty_node.GetID() == input_node.GetID():
-        raise ValueError("the uncertainty output cannot be the input volume; choose another output or none")
-    prepared = _prepare(input_node, result, bundle_labels)
-    base = input_node.GetName() or "volume"
-    created = []
-    try:
-        if segmentation_node is None:
-            segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} segmentation")
-            created.append(segmentation_node)
-        if uncertainty_node is None:
-            uncertainty_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} uncertainty")
-            created.append(uncertainty_node)
-        _fill_segmentation(segmentation_node, input_node, prepared)
-        uncertainty_node.SetIJKToRASMatrix(prepared.ijk_to_ras)
-        uncertainty_node.SetAndObserveImageData(prepared.uncertainty)
-        uncertainty_node.SetAttribute("MultiTaskSeg.Uncertainty", "normalised predictive entropy [0, 1]")
-        show_uncertainty(uncertainty_node, scene)
-        transform_id = input_node.GetTransformNodeID()
-        for node in (segmentation_node, uncertainty_node):
-            node.SetAndObserveTransformNodeID(transform_id)
-        _place_beside(scene, input_node, created)
-    except Exception:
-        for node in created:
-            scene.RemoveNode(node)
-        raise
-    return OutputNodes(segmentation_node, uncertainty_node)
+    """Put a result into the scene at once (``load_steps`` run to the end)."""
+    steps = load_steps(scene, input_node, lambda: result, bundle_labels, segmentation_node, uncertainty_node)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value[0]
 
 
 def _fill_segmentation(node: slicer.vtkMRMLSegmentationNode, input_node, prepared: _Prepared) -> None:
-    wasModified = node.StartModify()
+    """Replace the node's segments by the named, coded segments of the result (one shared labelmap)."""
+    was_modified = node.StartModify()
     try:
         segmentation = node.GetSegmentation()
         segmentation.RemoveAllSegments()
@@ -221,11 +294,13 @@ def _fill_segmentation(node: slicer.vtkMRMLSegmentationNode, input_node, prepare
             segmentation.SetSegmentIndex(segment_id, index)
         for segment_id in by_value.values():  # label values the bundle does not name (should not happen)
             segmentation.RemoveSegment(segment_id)
+        for key in list(node.GetAttributeNames() or []):  # e.g. no quality estimate this time
+            if key.startswith("MultiTaskSeg.") and key not in prepared.attributes:
+                node.RemoveAttribute(key)
         for key, value in prepared.attributes.items():
             node.SetAttribute(key, value)
-        node.CreateDefaultDisplayNodes()
     finally:
-        node.EndModify(wasModified)
+        node.EndModify(was_modified)
 
 
 def segment_label_value(segment: slicer.vtkSegment) -> int | None:
@@ -250,16 +325,12 @@ def segment_node(
     bundle_labels: list[dict],
     segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
     uncertainty_node: slicer.vtkMRMLScalarVolumeNode | None = None,
-    image: sitk.Image | None = None,
 ) -> tuple[OutputNodes, SegmentationResult]:
-    """Node → predict → nodes. ``predict`` maps the node's voxels to a SegmentationResult (in this
-    process, or through the worker); the scene is touched only after it returned.
-
-    ``image``: the node's voxels when already copied (the GUI copies them when Apply is pressed,
-    since the node may change while the worker runs). A CancelledError raised inside ``predict``
-    propagates before the scene is changed.
+    """Node → predict → nodes, blocking. ``predict`` maps the node's voxels to a SegmentationResult
+    (in this process, or through the worker); the scene is touched only after it returned, so a
+    CancelledError raised inside ``predict`` leaves the scene as it was. (The GUI's background run
+    starts the worker itself and loads its outputs with ``load_steps``, one step per timer tick.)
     """
-    image = volume_node_to_image(input_node) if image is None else image
-    result = predict(image)
+    result = predict(volume_node_to_image(input_node))
     outputs = load_result(scene, input_node, result, bundle_labels, segmentation_node, uncertainty_node)
     return outputs, result

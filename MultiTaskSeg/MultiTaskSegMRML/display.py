@@ -13,12 +13,20 @@ ATTR_COLOR_TABLE = "MultiTaskSeg.UncertaintyColorTable"
 COLOR_TABLE_NAME = "MultiTaskSeg uncertainty"
 
 
-def uncertainty_color_table(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
-    """The module's uncertainty colour table (transparent-dark → yellow), created once per scene."""
+def existing_color_table(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode | None:
+    """The module's uncertainty colour table if the scene has it already."""
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode")
         if node.GetAttribute(ATTR_COLOR_TABLE) == "1":
             return node
+    return None
+
+
+def uncertainty_color_table(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
+    """The module's uncertainty colour table (transparent-dark → yellow), created once per scene."""
+    existing = existing_color_table(scene)
+    if existing is not None:
+        return existing
     node = slicer.vtkMRMLColorTableNode()
     node.SetName(COLOR_TABLE_NAME)
     node.SetTypeToUser()

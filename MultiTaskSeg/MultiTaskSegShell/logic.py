@@ -72,12 +72,13 @@ class _Run:
     worker: Any  # MultiTaskSegLib.worker_process.WorkerProcess
     scene: Any
     inputNode: vtkMRMLScalarVolumeNode
-    image: Any  # the input's voxels as copied at Apply
     bundle: Any
     segmentationNode: Optional[vtkMRMLSegmentationNode]
     uncertaintyNode: Optional[vtkMRMLScalarVolumeNode]
     opacity: float
     callbacks: dict
+    loading: Any = None  # the steps loading the outputs (adapter.load_steps), once the worker is done
+    loadedSteps: int = 0
 
 
 class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
@@ -266,7 +267,6 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
             worker,
             scene if scene is not None else slicer.mrmlScene,
             inputVolume,
-            image,
             bundle,
             segmentationNode,
             uncertaintyNode,
@@ -280,8 +280,10 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         self._timer.start()
 
     def cancel(self) -> None:
-        """Kill the worker now; the scene is not touched (a done event that was not loaded yet is dropped)."""
+        """Kill the worker now; the scene is left as it was (outputs half loaded are removed again)."""
         if self._run is not None:
+            if self._run.loading is not None:
+                self._run.loading.close()  # removes the nodes it created, restores a reused uncertainty node
             self._run.worker.cancel()
             self._finish(cancelled=True)
 
@@ -299,11 +301,24 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
         """The timer's slot: read what the worker appended since the last tick and act on it."""
         start = time.perf_counter()
         try:
-            if self._run is not None:
+            if self._run is not None and self._run.loading is not None:
+                self._loadStep(self._run)
+            elif self._run is not None:
                 self._handle(self._run, self._run.worker.poll())
         except Exception as exc:
             self._finish(error=exc)
         self.tickSeconds.append(time.perf_counter() - start)
+
+    def _loadStep(self, run: _Run) -> None:
+        """One step of loading the outputs per tick, so that no tick blocks the GUI for long."""
+        try:
+            next(run.loading)
+        except StopIteration as done:
+            outputs, result = done.value
+            self.showResults(run.scene, run.inputNode, outputs, run.opacity)
+            return self._finish(outputs, result)
+        run.loadedSteps += 1
+        self._notify(run, "progress", "loading into the scene", run.loadedSteps / adapter.LOAD_STEPS)
 
     def _handle(self, run: _Run, events: list) -> None:
         from MultiTaskSegLib.worker_process import WorkerError
@@ -320,18 +335,18 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
                 logging.info(f"MultiTaskSeg worker: {event.get('message', '')}")
             elif kind == "error":
                 return self._finish(error=WorkerError(event.get("message", "the worker failed")))
-            elif kind == "done":  # the scene is written here, on the GUI thread, and only now
-                outputs, result = adapter.segment_node(
+            elif kind == "done":  # the scene is written from here on, on the GUI thread, in short steps
+                run.loading = adapter.load_steps(
                     run.scene,
                     run.inputNode,
-                    lambda image: run.worker.result(),
+                    run.worker.result,
                     run.bundle.labels,
                     run.segmentationNode,
                     run.uncertaintyNode,
-                    image=run.image,
                 )
-                self.showResults(run.scene, run.inputNode, outputs, run.opacity)
-                return self._finish(outputs, result)
+                if self._timer is not None:
+                    self._timer.setInterval(0)  # the next steps as soon as Qt has handled pending events
+                return self._loadStep(run)
 
     def _finish(self, outputs=None, result=None, error=None, cancelled: bool = False) -> None:
         run, self._run = self._run, None
@@ -339,7 +354,7 @@ class MultiTaskSegLogic(ScriptedLoadableModuleLogic):
             self._timer.stop()
         if run is None:
             return
-        run.worker.cleanup()
+        run.worker.cleanup(wait=outputs is None)  # after success the child is only exiting: do not wait
         if error is not None:
             logging.error(f"MultiTaskSeg: {error}")
         self._notify(run, "finished", outputs, result, error, cancelled)
