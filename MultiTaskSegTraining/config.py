@@ -8,6 +8,10 @@ from pathlib import Path
 
 from MultiTaskSegLib.errors import MultiTaskSegError
 
+# train+val cases per context the trust fit (OOD detector threshold, quality model) uses, each also with
+# one artefact: the conformal 95 % threshold is the largest leave-one-case-out score below ~20 cases in all
+DEFAULT_TRUST_FIT_CASES = 12
+
 
 @dataclass
 class TrainConfig:
@@ -51,7 +55,7 @@ class TrainConfig:
     threshold_k: float = 2.5
     # train+val cases per context (each also with one seeded artefact) that fit the per-context OOD detector
     # and the quality model at the end of training (mtseg finalise's code); None = all, 0 = skip (plain detector)
-    trust_fit_cases: int | None = 4
+    trust_fit_cases: int | None = DEFAULT_TRUST_FIT_CASES
     restrict_to_context: bool = True
     context_source: str = "head"  # head | signature
     threads: int | None = None

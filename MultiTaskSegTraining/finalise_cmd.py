@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_TRUST_FIT_CASES
 from .evaluate_cmd import _optional_count
 
 
@@ -18,9 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fit-cases",
         type=_optional_count,
-        default=4,
+        default=DEFAULT_TRUST_FIT_CASES,
         metavar="N|all",
-        help="train+val cases per context to fit on, each also with one seeded artefact (default 4)",
+        help=f"train+val cases per context to fit on, each also with one seeded artefact (default {DEFAULT_TRUST_FIT_CASES})",
     )
     p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])

@@ -9,8 +9,12 @@ tables and OUT/*.png the ROC and risk-coverage plots. ``--ci`` runs the small su
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+from .config import DEFAULT_TRUST_FIT_CASES
+from .evaluate_cmd import _optional_count
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ood", nargs="*", default=[], metavar="FOLDER", help="OOD volume folders (e.g. ood-dev)")
     p.add_argument("--output-dir", "-o", required=True, help="where records/, trust.json and the plots go")
     p.add_argument("--ci", action="store_true", help="the small CI subset (2 cases per context, 2 artefacts)")
+    p.add_argument(
+        "--fit-cases",
+        type=_optional_count,
+        default=DEFAULT_TRUST_FIT_CASES,
+        metavar="N|all",
+        help=f"train+val cases per context the detector and quality model are fitted on, each also with one "
+        f"seeded artefact; use the bundle's own (`mtseg finalise --fit-cases`) to measure it (default {DEFAULT_TRUST_FIT_CASES})",
+    )
     p.add_argument("--records-only", action="store_true", help="compute the cached records, skip the analysis")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -36,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     bundle = load_bundle(args.bundle)
-    plan = CI_PLAN if args.ci else Plan()
+    plan = CI_PLAN if args.ci else dataclasses.replace(Plan(), fit_cases=args.fit_cases)
     jobs = work_list(bundle, args.data, args.ood, plan)
     print(f"trust benchmark: {len(jobs)} image(s) ({'CI subset' if args.ci else 'full plan'})", file=sys.stderr)
     records = run_all(

@@ -27,11 +27,10 @@ from MultiTaskSegLib.bundle_schema import OodBlock
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.predictor import Predictor
 
+from .config import DEFAULT_TRUST_FIT_CASES
 from .trust_bench import Plan, run_all, work_list
 from .trust_fit import fit_detector, fit_quality, log_volume_stats, loo_scores
 from .trust_report import DEFAULT_LAYERS, LAYER_SETS
-
-DEFAULT_FIT_CASES = 4
 
 
 def default_records_dir(bundle_path: Path) -> Path:
@@ -44,7 +43,7 @@ def refit_trust(
     data_dirs: Sequence,
     output: str | Path,
     records_dir: Path | None = None,
-    fit_cases: int | None = DEFAULT_FIT_CASES,
+    fit_cases: int | None = DEFAULT_TRUST_FIT_CASES,
     device: str = "auto",
     overwrite: bool = False,
     log: Callable[[str], None] = print,

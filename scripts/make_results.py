@@ -40,6 +40,20 @@ def dice_cell(d: dict | None, key="dice") -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}{spread} (n={s['n']})"
 
 
+def paired_p(a: dict | None, b: dict | None) -> str:
+    """Two-sided Wilcoxon signed-rank p of per-case Dice over the cases both arms scored ('–' under 6 pairs:
+    the test cannot reach p < 0.05 with fewer)."""
+    from scipy.stats import wilcoxon
+
+    if not a or not b:
+        return "–"
+    common = [k for k in a.get("cases", {}) if a["cases"][k] is not None and b.get("cases", {}).get(k) is not None]
+    diffs = [a["cases"][k] - b["cases"][k] for k in common]
+    if len(diffs) < 6 or not any(diffs):
+        return f"– (n={len(diffs)})"
+    return f"{wilcoxon([a['cases'][k] for k in common], [b['cases'][k] for k in common]).pvalue:.3g} (n={len(diffs)})"
+
+
 def arm_structures(m: dict | None, ctx: str) -> dict:
     return (m or {}).get("contexts", {}).get(ctx, {}).get("structures", {})
 
@@ -56,8 +70,9 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
         "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is with the output restricted "
         "to the recognised context (the deployed behaviour); unrestricted in brackets.",
         "",
-        "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 "
+        "| Wilcoxon p joint vs dedicated / vs transfer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     wins = {"joint>dedicated": 0, "dedicated>joint": 0, "transfer>dedicated": 0, "dedicated>transfer": 0}
     summary = {}
@@ -71,9 +86,11 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
             t = arm_structures(tra, ctx).get(name)
             jcell = dice_cell(jr) + (f" ({ju['dice']['mean']:.3f})" if ju and ju["dice"]["mean"] is not None else "")
             jh = js.get("hd95_mm_restricted", {}).get(name, {}).get("mean")
+            tests = f"{paired_p(jr, d['dice'])} / {paired_p(jr, t['dice']) if t else '–'}"
             out.append(
                 f"| {ctx} | {name} | {jcell} | {dice_cell(d)} | {dice_cell(t) if t else 'not run'} | "
-                f"{fmt(jh, 1)} | {fmt(d['hd95_mm']['mean'], 1)} | {fmt(t['hd95_mm']['mean'], 1) if t else '–'} |"
+                f"{fmt(jh, 1)} | {fmt(d['hd95_mm']['mean'], 1)} | {fmt(t['hd95_mm']['mean'], 1) if t else '–'} "
+                f"| {tests} |"
             )
             dj, dd = (jr or {}).get("mean"), d["dice"]["mean"]
             if dj is not None and dd is not None:
@@ -106,7 +123,25 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
     return out, summary
 
 
-def calibration_section(arms: Path, default: dict | None) -> list[str]:
+def kept_arms_sections(page: Path, arms: Path) -> tuple[list[str], list[str]]:
+    """Section 1 and the arm rows of section 2 as the page has them (regenerated only with ``--arms``)."""
+    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
+    start = next((i for i, l in enumerate(lines) if l.startswith("## 1.")), None)
+    end = next((i for i, l in enumerate(lines) if l.startswith("## 2.")), None)
+    if start is None or end is None:
+        return ["## 1. Joint vs dedicated vs transfer learning", "", f"(no arm evaluations in {arms})", ""], []
+    note = (
+        f"*Kept from the previous version of this page: the arms' evaluations are not in `{arms.name}/` "
+        "in this checkout (`scripts/experiments.py` recreates them; then this section is regenerated).*"
+    )
+    section = lines[start:end]
+    if note not in section:
+        section = section[:2] + [note, ""] + section[2:]
+    rows = [l for l in lines[end:] if l.startswith("| joint arm |") or l.startswith("| dedicated arm |")]
+    return section, rows
+
+
+def calibration_section(arms: Path, default: dict | None, kept_rows: list[str] | None = None) -> list[str]:
     out = [
         "## 2. Calibration (test split)",
         "",
@@ -118,6 +153,7 @@ def calibration_section(arms: Path, default: dict | None) -> list[str]:
         "| model | context | ECE T=1 | ECE T=fit | MCE T=1 | MCE T=fit | boundary ECE T=1 | boundary ECE T=fit | T |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    out += kept_rows or []
     sources = [("joint arm", load(arms / "joint_eval"), None)]
     sources += [("dedicated arm", load(arms / f"dedicated_{c}_eval"), c) for c in DATASETS]
     sources += [("shipped default", default, None)]
@@ -283,8 +319,13 @@ def main() -> None:
         "(seed 0: 20 % test, 10 % validation per dataset); nothing was tuned on test cases.",
         "",
     ]
-    comp, _ = comparison_section(args.arms)
-    body = head + comp + calibration_section(args.arms, default) + ood_section(default) + default_section(default)
+    if (args.arms / "joint_eval" / "metrics.json").exists():
+        comp, _ = comparison_section(args.arms)
+        arm_rows: list[str] = []
+    else:  # the arms' evaluations are not here: keep their section and calibration rows from this page
+        comp, arm_rows = kept_arms_sections(args.out, args.arms)
+    body = head + comp + calibration_section(args.arms, default, arm_rows) + ood_section(default)
+    body += default_section(default)
     for extra in ("results_notes.md", "results_trust.md"):  # hand-written sections (trust: from `mtseg trust`)
         notes = Path(__file__).with_name(extra)
         if notes.exists():
