@@ -194,7 +194,7 @@ def test_loading_in_steps_can_be_cancelled_at_every_step(predictor, scene_and_in
         first.uncertainty.SetAndObserveImageData(adapter.image_data_from_array(np.zeros((3, 4, 5), np.float32)))
         old_voxels = first.uncertainty.GetImageData()
         outputs = {"segmentation_node": first.segmentation, "uncertainty_node": first.uncertainty}
-    stages = ["prepared", "segments built", "uncertainty loaded"]
+    stages = ["read", "prepared", "segments built", "uncertainty loaded"]
     for cancel_after in range(1, len(stages) + 1):
         steps = adapter.load_steps(scene, node, lambda: result, predictor.bundle.labels, **outputs)
         before = node_ids(scene)

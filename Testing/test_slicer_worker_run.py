@@ -144,7 +144,7 @@ def test_cancel_while_the_outputs_load_leaves_the_scene_as_it_was(shell, scene, 
     before = node_ids(scene)
     run = Apply(logic, node, untrained_bundle.path)
     loading = ("progress", "loading into the scene")
-    run.drive(until=lambda: run.events.count(loading) >= 3)  # the uncertainty node is in the scene now
+    run.drive(until=lambda: run.events.count(loading) >= 4)  # the uncertainty node is in the scene now
     assert node_ids(scene) != before
     logic.cancel()
     assert node_ids(scene) == before and not logic.isRunning()

@@ -33,7 +33,7 @@ LABEL_VALUE_TAG = "MultiTaskSeg.LabelValue"
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 
 Predict = Callable[[sitk.Image], SegmentationResult]
-LOAD_STEPS = 4  # load_steps: three yields, then the end
+LOAD_STEPS = 5  # load_steps: four yields, then the end
 
 
 # --- terminology ---------------------------------------------------------------------
@@ -183,7 +183,7 @@ def load_steps(
 ) -> Generator[str, None, tuple[OutputNodes, SegmentationResult]]:
     """Put a result into the scene in short steps; yields the name of each step done, returns the nodes.
 
-    The GUI runs one step per timer tick so that no tick blocks Slicer for long. The first two
+    The GUI runs one step per timer tick so that no tick blocks Slicer for long. The first three
     steps leave the scene alone (a new segmentation is built in a scratch scene); a reused
     segmentation node is refilled only in the last step. Closing the generator (a cancel) or an
     error at any point removes the nodes it created and gives a reused uncertainty node its
@@ -192,6 +192,7 @@ def load_steps(
     if uncertainty_node is not None and uncertainty_node.GetID() == input_node.GetID():
         raise ValueError("the uncertainty output cannot be the input volume; choose another output or none")
     result = get_result()
+    yield "read"
     prepared = _prepare(input_node, result, bundle_labels)
     yield "prepared"
     built = None
