@@ -39,6 +39,38 @@ def fmt(x, d=3):
     return "–" if x is None else f"{x:.{d}f}"
 
 
+def ood_text(ood: dict) -> str:
+    if ood.get("detector") != "spectral-ctx":  # the first bundles: one global nearest neighbour
+        return (
+            f"OOD: {ood['signature']}, layers {ood['layers']}; score = distance to the nearest training "
+            f"signature; threshold {ood['threshold']:.4f} = {ood['threshold_rule']}."
+        )
+    return (
+        f"OOD ({ood['detector']}): {ood['signature']}, layers {ood['layers']}; score = {ood['scoring']}; "
+        f"signatures of {ood['fitted_on']}; threshold {ood['threshold']:.3f} = {ood['threshold_rule']}."
+    )
+
+
+def quality_text(quality: dict | None) -> str:
+    if not quality:
+        return ""
+    return (
+        f" Quality: a logistic expected-Dice model per structure on {', '.join(quality['features'])}, fitted on "
+        f"{quality['fitted_on']} (TorchIO artefacts), flag when the expected Dice is below "
+        f"{quality['flag_below']} or the image is OOD; coefficients in bundle.json."
+    )
+
+
+def postprocessing_text(post: dict | None, names: dict) -> str:
+    if not post:
+        return ""
+    kept = [names.get(v, str(v)) for v in post.get("largest_component") or []]
+    return (
+        f" Post-processing chosen on {post.get('chosen_on') or 'the validation split'}: keep only the largest "
+        "connected component of " + (", ".join(kept) if kept else "no structure") + "."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -104,10 +136,10 @@ def main() -> None:
         "",
         "## Calibration and OOD detection",
         "",
-        f"Temperature {meta['calibration']['temperature']:.3f}, fitted on the validation split. OOD: "
-        f"{meta['ood']['signature']}, layers {meta['ood']['layers']}; score = distance to the nearest of "
-        f"{'the'} training signatures (each training case plus {meta['ood'].get('signature_augmentations', 0)} "
-        f"crop/contrast variants); threshold {meta['ood']['threshold']:.4f} = {meta['ood']['threshold_rule']}.",
+        f"Temperature {meta['calibration']['temperature']:.3f}, fitted on the validation split. "
+        + ood_text(meta["ood"])
+        + quality_text(meta.get("quality"))
+        + postprocessing_text(meta.get("postprocessing"), {l["value"]: l["name"] for l in meta["labels"]}),
     ]
     if m:
         lines += [
