@@ -1,59 +1,182 @@
-"""Labels on the input grid: the argmax of the linearly resampled probabilities, without resampling every class.
+"""Labels on the input grid: the argmax of the linearly resampled probabilities, computed where it can change.
 
-Two facts keep it exact (the same labels as resampling every class everywhere, ties to the lower
-class) while most of the work is skipped:
+A linearly interpolated point is a weighted sum, with non-negative weights, of the 8 canonical
+voxels around it (its cell). Three facts keep the labels exact while most of the work is skipped:
 
-- interpolated probabilities still sum to 1, so the winner has at least 1/C: in a slab of the
-  output only the classes reaching 1/C on a canonical voxel it reads compete;
-- along the last axis an output voxel is a convex combination of two source columns: where both
-  have the same argmax, so does every point between them. The candidates are resampled along the
-  other two axes only, and the last, full-size step is computed just where the two columns
-  disagree (a structure's boundary), a few percent of a large CT.
+- where the 8 corners have the same argmax c, z[c] ≥ z[k] holds at each of them and so at the
+  point: the label is c (ties too: c is already the lowest maximum). Each input voxel reads its
+  cell's label (one gather); only voxels in cells whose corners disagree (a structure's
+  boundary) are interpolated;
+- in such a cell, class k can win only if its largest corner value reaches the largest
+  smallest-corner value of any class (the winner's interpolated value is at least that), and
+  only if it reaches 1/C somewhere (interpolated probabilities sum to 1): the others are skipped;
+- with a context restriction (``allowed``), a cell where no allowed structure can win is
+  background whatever wins there.
+
+The result equals resampling every class everywhere and taking the argmax (SimpleITK's rule,
+see resampling.py; lowest class on ties), then restricting, up to float rounding at near-ties.
+Any grid, axis-aligned or oblique: the cell index comes from the affine index map.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import SimpleITK as sitk
 import torch
 
-from .resampling import AxisMap, resample_region, slabs, source_range
+from .resampling import target_to_source
+
+_MIXED = 255  # cell label where the corners disagree (at most 255 classes)
+_SLAB_VOXELS = 1 << 22  # target voxels per slab: its int64 cell indices stay at 32 MB
 
 
-def _candidates(probs: torch.Tensor, maps: list[AxisMap], rows: slice) -> list[int]:
-    read = [slice(None)] * 4
-    read[maps[0].source_axis + 1] = source_range(maps[0], rows)
-    peaks = probs[tuple(read)].amax(dim=(1, 2, 3))
+def _agreement(argmax: torch.Tensor) -> torch.Tensor:
+    """Per cell (low corner index, the last index repeated at the far edge): the label its 8
+    corners agree on, else _MIXED."""
+    cell = argmax
+    for axis in range(3):
+        n = cell.shape[axis]
+        nxt = torch.cat([cell.narrow(axis, 1, n - 1), cell.narrow(axis, n - 1, 1)], axis)
+        cell = torch.where(cell == nxt, cell, _MIXED)
+    return cell
+
+
+def _corners(cells: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """(n, 8) flat canonical indices of the corners of the cells ``cells`` (flat low-corner indices),
+    in (dz, dy, dx) order, clamped at the far edges."""
+    d, h, w = sizes
+    z, y, x = cells // (h * w), cells // w % h, cells % w
+    zs = torch.stack([z, (z + 1).clamp_(max=d - 1)], 1) * (h * w)
+    ys = torch.stack([y, (y + 1).clamp_(max=h - 1)], 1) * w
+    xs = torch.stack([x, (x + 1).clamp_(max=w - 1)], 1)
+    return (zs[:, :, None, None] + ys[:, None, :, None] + xs[:, None, None, :]).reshape(-1, 8)
+
+
+def _axis(c: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITK's linear rule along one source axis of size n: the padded cell index (low + 1, or 0
+    outside [-0.5, n - 0.5)) and the weight of the upper neighbour."""
+    inside = (c >= -0.5) & (c < n - 0.5)
+    low = c.floor().clamp_(0, n - 1)
+    weight = (c - low).clamp_(0.0, 1.0)
+    return torch.where(inside, low.long() + 1, 0), weight
+
+
+def _gather(cells: torch.Tensor, index: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """out[p] = cells[index[0][p], index[1][p], index[2][p]] (indices broadcastable to ``out``)."""
+    dims = [[d for d in range(3) if i.shape[d] > 1] for i in index]
+    if sorted(len(d) for d in dims) == [1, 1, 1] and sorted(d[0] for d in dims) == [0, 1, 2]:
+        # axis-aligned: one uint8 index_select per axis instead of a full-size int64 index
+        x = cells.permute(*sorted(range(3), key=lambda a: dims[a][0])).contiguous()
+        for d in range(3):
+            a = next(a for a in range(3) if dims[a][0] == d)
+            x = x[(slice(None),) * d + (index[a].reshape(-1),)]  # index_select is erratic on CPU
+        out.copy_(x)
+        return
+    stride = (cells.shape[1] * cells.shape[2], cells.shape[2])
+    flat = (index[0] * stride[0] + index[1] * stride[1] + index[2]).expand(out.shape)
+    torch.take(cells, flat, out=out)
+
+
+def _pick(t: torch.Tensor, at: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``t`` (broadcastable to the slab) at the slab positions ``at`` (z, y, x)."""
+    return t[tuple(i if t.shape[d] > 1 else 0 for d, i in enumerate(at))].expand(len(at[0]))
+
+
+_SMALL = 4  # most boundary cells have 2–4 candidate classes: their table holds 4 slots, the rest hold all
+
+
+class _MixedCells:
+    """The cells whose label needs interpolation, as tables of their candidates' corner values.
+
+    Cells with up to _SMALL candidates get a table of _SMALL slots, the others one slot per
+    class that can win anywhere; within a cell the slots go by ascending class, unused ones
+    hold -1 (never the maximum), so the first maximum is the lowest class, as ``argmax``.
+    """
+
+    def __init__(self, probs: torch.Tensor, cells: torch.Tensor, allowed: Sequence[int] | None):
+        n = probs.shape[0]
+        flat = torch.nonzero(cells.view(-1) == _MIXED).flatten()
+        corners = _corners(flat, cells.shape)
+        # class-last rows: a corner's values are contiguous, one cache line per corner
+        values = probs.permute(1, 2, 3, 0).reshape(-1, n)[corners.view(-1)].view(-1, 8, n)  # (cells, 8, C)
+        floor = values.amin(1).amax(1, keepdim=True)  # the winner anywhere in the cell reaches this
+        candidate = values.amax(1) >= floor  # (cells, C)
+        if allowed is not None:  # cells where no allowed structure can win are background
+            relevant = candidate[:, [c for c in allowed if 0 < c < n]].any(1)
+            cells.view(-1)[flat[~relevant]] = 0
+            flat, values, candidate = flat[relevant], values[relevant], candidate[relevant]
+        small = candidate.sum(1) <= _SMALL
+        order = torch.argsort(small.to(torch.uint8), descending=True, stable=True)  # small cells first
+        self.n_small = int(small.sum())
+        k = torch.arange(n)
+        key = torch.where(candidate, k, n + k)  # candidates first, by class
+        slots = (key.sort(1).values[:, :_SMALL] % n)[order[: self.n_small]]
+        self.tables = []
+        for part, idx in ((order[: self.n_small], slots), (order[self.n_small :], k.expand(len(order) - self.n_small, n))):
+            table = values[part].gather(2, idx[:, None, :].expand(-1, 8, -1)).transpose(1, 2)  # (cells, M, 8)
+            table = torch.where(candidate[part].gather(1, idx)[:, :, None], table, -1.0).contiguous()
+            self.tables.append((table, idx.to(torch.uint8)))
+        self.slot = torch.full((cells.numel(),), -1, dtype=torch.int64)
+        self.slot[flat[order]] = torch.arange(len(flat))
+
+    def argmax(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Winning class (lowest on ties) at points of the cells ``slots`` with corner weights (n, 8)."""
+        label = torch.empty(len(slots), dtype=torch.uint8)
+        large = slots >= self.n_small
+        for (table, classes), where in ((self.tables[0], ~large), (self.tables[1], large)):
+            at = torch.nonzero(where).flatten() if bool(large.any()) else None
+            s = slots if at is None else slots[at]
+            if at is not None and table is self.tables[1][0]:
+                s = s - self.n_small
+            if not len(s):
+                continue
+            w = weights if at is None else weights[at]
+            value = (table[s] * w[:, None, :]).sum(2)  # (n, M): interpolated candidate probabilities
+            best = value.max(1).indices  # the first maximum: the lowest class
+            won = classes[s, best]
+            if at is None:
+                return won
+            label[at] = won
+        return label
+
+
+def labels_on_target(
+    probs: torch.Tensor, grid: sitk.Image, target: sitk.Image, allowed: Sequence[int] | None = None
+) -> np.ndarray:
+    """uint8 argmax over the classes of ``probs`` (C, d, h, w) on ``grid``, resampled onto ``target``;
+    with ``allowed``, labels outside it (and background) become background, as ``restrict_labels``."""
     n = probs.shape[0]
-    return [c for c in range(n) if c == 0 or float(peaks[c]) >= 1.0 / n]
-
-
-def labels_on_target(probs: torch.Tensor, maps: list[AxisMap]) -> np.ndarray:
-    """uint8 argmax over the classes of ``probs`` (C, d, h, w), resampled onto the target of ``maps``."""
-    n = probs.shape[0]
-    shape = tuple(len(m.low) for m in maps)
-    labels = np.zeros(shape, np.uint8)
-    defaults = [1.0] + [0.0] * (n - 1)  # outside the canonical grid: background
-    last = maps[2]
-    span = source_range(last, slice(None))
-    low, high = last.low - span.start, last.high - span.start
-    lut_inside = bool(last.inside.all())
-    for rows in slabs(maps, 4):
-        classes = _candidates(probs, maps, rows)
-        if len(classes) == 1:
-            continue  # only background can win here
-        region = (rows, slice(0, shape[1]), slice(0, shape[2]))
-        part = resample_region(probs, maps, region, defaults, classes, axes=(0, 1))  # (K, rows, H, source w)
-        winner = part.max(0).indices.to(torch.uint8)  # first maximum: the lower class on ties
-        local = winner[..., low]
-        mixed = torch.nonzero((local != winner[..., high]).view(-1)).flatten()
-        if len(mixed):  # the full interpolation, only where the two columns disagree
-            width = part.shape[-1]
-            column = mixed % shape[2]
-            base = mixed // shape[2] * width
-            flat = part.view(len(classes), -1)
-            p = torch.lerp(flat[:, base + low[column]], flat[:, base + high[column]], last.weight[column])
-            local.view(-1)[mixed] = p.max(0).indices.to(torch.uint8)
-        if not lut_inside:
-            local[..., ~last.inside] = 0  # outside the canonical grid along the last axis: background
-        labels[rows] = np.asarray(classes, np.uint8)[local.numpy()]
+    assert n < _MIXED
+    keep = torch.ones(256, dtype=torch.bool)
+    if allowed is not None:
+        keep[:n] = False
+        keep[[0, *allowed]] = True
+    lut = torch.where(keep, torch.arange(256), 0).to(torch.uint8)
+    sizes = probs.shape[1:]
+    cells = lut[_agreement(probs.max(0).indices.to(torch.uint8)).long()]  # max: the first maximum on ties
+    mixed = _MixedCells(probs, cells, allowed)
+    padded = torch.nn.functional.pad(cells[None], (1, 1, 1, 1, 1, 1))[0]  # border 0: outside the grid
+    slot = torch.nn.functional.pad(mixed.slot.view(sizes)[None], (1, 1, 1, 1, 1, 1), value=-1)[0]
+    stride = (padded.shape[1] * padded.shape[2], padded.shape[2])
+    shape = target.GetSize()[::-1]
+    labels = np.empty(shape, np.uint8)
+    out = torch.from_numpy(labels)
+    step = max(1, _SLAB_VOXELS // (shape[1] * shape[2]))
+    for r in range(0, shape[0], step):
+        rows = min(step, shape[0] - r)
+        axes = [_axis(c, m) for c, m in zip(target_to_source(grid, target, r, rows), sizes)]
+        part = out[r : r + rows]
+        _gather(padded, [a[0] for a in axes], part)
+        at_mixed = torch.nonzero(part.view(-1) == _MIXED).flatten()
+        if not len(at_mixed):
+            continue
+        at = (at_mixed // (shape[1] * shape[2]), at_mixed // shape[2] % shape[1], at_mixed % shape[2])
+        w = [_pick(a[1], at).float() for a in axes]
+        pairs = [torch.stack([1.0 - x, x], 1) for x in w]
+        weights = (pairs[0][:, :, None, None] * pairs[1][:, None, :, None] * pairs[2][:, None, None, :]).view(-1, 8)
+        cell = _pick(axes[0][0], at) * stride[0] + _pick(axes[1][0], at) * stride[1] + _pick(axes[2][0], at)
+        winner = mixed.argmax(torch.take(slot, cell), weights)
+        part.view(-1)[at_mixed] = lut[winner.long()]
     return labels
