@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from .resampling import target_to_source
+from .uncertainty import class_argmax
 
 _MIXED = 255  # cell label where the corners disagree (at most 255 classes)
 _SLAB_VOXELS = 1 << 22  # target voxels per slab: its int64 cell indices stay at 32 MB
@@ -84,61 +85,57 @@ def _pick(t: torch.Tensor, at: Sequence[torch.Tensor]) -> torch.Tensor:
     return t[tuple(i if t.shape[d] > 1 else 0 for d, i in enumerate(at))].expand(len(at[0]))
 
 
-_SMALL = 4  # most boundary cells have 2–4 candidate classes: their table holds 4 slots, the rest hold all
+_BUCKETS = (2, 4)  # slots per cell table: most boundary cells have 2 candidate classes, nearly all ≤ 4
 
 
 class _MixedCells:
     """The cells whose label needs interpolation, as tables of their candidates' corner values.
 
-    Cells with up to _SMALL candidates get a table of _SMALL slots, the others one slot per
-    class that can win anywhere; within a cell the slots go by ascending class, unused ones
-    hold -1 (never the maximum), so the first maximum is the lowest class, as ``argmax``.
+    Cells go into buckets by their number of candidate classes (2, up to 4, more: one slot per
+    class); within a cell the slots go by ascending class, unused ones hold -1 (never the
+    maximum), so the first maximum is the lowest class, as ``argmax``.
     """
 
     def __init__(self, probs: torch.Tensor, cells: torch.Tensor, allowed: Sequence[int] | None):
         n = probs.shape[0]
         flat = torch.nonzero(cells.view(-1) == _MIXED).flatten()
         corners = _corners(flat, cells.shape)
-        # class-last rows: a corner's values are contiguous, one cache line per corner
-        values = probs.permute(1, 2, 3, 0).reshape(-1, n)[corners.view(-1)].view(-1, 8, n)  # (cells, 8, C)
-        floor = values.amin(1).amax(1, keepdim=True)  # the winner anywhere in the cell reaches this
-        candidate = values.amax(1) >= floor  # (cells, C)
+        values = probs.reshape(n, -1)[:, corners.view(-1)].view(n, -1, 8)  # (C, cells, 8)
+        floor = values.amin(2).amax(0)  # the winner anywhere in the cell reaches this
+        candidate = (values.amax(2) >= floor).T  # (cells, C)
         if allowed is not None:  # cells where no allowed structure can win are background
             relevant = candidate[:, [c for c in allowed if 0 < c < n]].any(1)
             cells.view(-1)[flat[~relevant]] = 0
-            flat, values, candidate = flat[relevant], values[relevant], candidate[relevant]
-        small = candidate.sum(1) <= _SMALL
-        order = torch.argsort(small.to(torch.uint8), descending=True, stable=True)  # small cells first
-        self.n_small = int(small.sum())
+            flat, values, candidate = flat[relevant], values[:, relevant], candidate[relevant]
+        bounds = [b for b in _BUCKETS if b < n] + [n]
+        bucket = torch.bucketize(candidate.sum(1), torch.tensor(bounds))  # index of the first bound ≥ count
+        order = torch.argsort(bucket, stable=True)
         k = torch.arange(n)
-        key = torch.where(candidate, k, n + k)  # candidates first, by class
-        slots = (key.sort(1).values[:, :_SMALL] % n)[order[: self.n_small]]
-        self.tables = []
-        for part, idx in ((order[: self.n_small], slots), (order[self.n_small :], k.expand(len(order) - self.n_small, n))):
-            table = values[part].gather(2, idx[:, None, :].expand(-1, 8, -1)).transpose(1, 2)  # (cells, M, 8)
-            table = torch.where(candidate[part].gather(1, idx)[:, :, None], table, -1.0).contiguous()
-            self.tables.append((table, idx.to(torch.uint8)))
+        ranked = torch.where(candidate, k, n + k).sort(1).values % n  # candidates first, by class
+        self.tables: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first slot, values, classes)
+        start = 0
+        for b, m in enumerate(bounds):
+            part = order[start : start + int((bucket == b).sum())]
+            idx = ranked[part, :m]
+            table = values[idx, part[:, None]]  # (cells, m, 8)
+            table = torch.where(candidate[part].gather(1, idx)[:, :, None], table, -1.0)
+            self.tables.append((start, table, idx.to(torch.uint8)))
+            start += len(part)
         self.slot = torch.full((cells.numel(),), -1, dtype=torch.int64)
         self.slot[flat[order]] = torch.arange(len(flat))
 
     def argmax(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Winning class (lowest on ties) at points of the cells ``slots`` with corner weights (n, 8)."""
         label = torch.empty(len(slots), dtype=torch.uint8)
-        large = slots >= self.n_small
-        for (table, classes), where in ((self.tables[0], ~large), (self.tables[1], large)):
-            at = torch.nonzero(where).flatten() if bool(large.any()) else None
-            s = slots if at is None else slots[at]
-            if at is not None and table is self.tables[1][0]:
-                s = s - self.n_small
-            if not len(s):
+        for i, (start, table, classes) in enumerate(self.tables):
+            if not len(table):
                 continue
-            w = weights if at is None else weights[at]
-            value = (table[s] * w[:, None, :]).sum(2)  # (n, M): interpolated candidate probabilities
-            best = value.max(1).indices  # the first maximum: the lowest class
-            won = classes[s, best]
-            if at is None:
-                return won
-            label[at] = won
+            stop = self.tables[i + 1][0] if i + 1 < len(self.tables) else None
+            inside = slots >= start if stop is None else (slots >= start) & (slots < stop)
+            at = torch.nonzero(inside).flatten()
+            s = slots[at] - start
+            value = (table[s] * weights[at, None, :]).sum(2)  # (n, m): interpolated candidate probabilities
+            label[at] = classes[s, value.max(1).indices]  # the first maximum: the lowest class
         return label
 
 
@@ -155,7 +152,7 @@ def labels_on_target(
         keep[[0, *allowed]] = True
     lut = torch.where(keep, torch.arange(256), 0).to(torch.uint8)
     sizes = probs.shape[1:]
-    cells = lut[_agreement(probs.max(0).indices.to(torch.uint8)).long()]  # max: the first maximum on ties
+    cells = lut[_agreement(torch.from_numpy(class_argmax(probs))).long()]
     mixed = _MixedCells(probs, cells, allowed)
     padded = torch.nn.functional.pad(cells[None], (1, 1, 1, 1, 1, 1))[0]  # border 0: outside the grid
     slot = torch.nn.functional.pad(mixed.slot.view(sizes)[None], (1, 1, 1, 1, 1, 1), value=-1)[0]
