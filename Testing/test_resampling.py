@@ -72,9 +72,8 @@ def test_oblique_grids_are_left_to_sitk():
 @pytest.mark.parametrize("direction", ["identity", "permuted (sagittal)"])
 def test_labels_and_uncertainty_on_the_input_grid(direction):
     """The predictor's stage: labels as the brute-force argmax (test_grid_mapping.py), the uncertainty as sitk."""
-    from test_grid_mapping import brute_force
-
     from MultiTaskSegLib.predictor import Predictor
+    from test_grid_mapping import brute_force
 
     image = _image((61, 47, 33), (0.8, 0.9, 1.3), DIRECTIONS[direction])
     grid = canonical_grid(image, (2.0, 2.0, 2.0))

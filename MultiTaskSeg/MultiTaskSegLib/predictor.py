@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, cast
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk

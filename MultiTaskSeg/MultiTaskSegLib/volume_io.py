@@ -228,8 +228,13 @@ def _gzip_members(data: memoryview, level: int) -> list[bytes]:
     Python's gzip in nibabel) reads them as one stream.
     """
     chunks = [data[i : i + _MEMBER_BYTES] for i in range(0, len(data), _MEMBER_BYTES)] or [data]
+
+    def member(chunk: memoryview) -> bytes:
+        z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
+        return z.compress(chunk) + z.flush()
+
     with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda chunk: zlib.compress(chunk, level, wbits=31), chunks))
+        return list(pool.map(member, chunks))
 
 
 def _write_scaled_nifti(steps: sitk.Image, path: Path) -> None:
