@@ -96,17 +96,18 @@ class _MixedCells:
     maximum), so the first maximum is the lowest class, as ``argmax``.
     """
 
-    def __init__(self, probs: torch.Tensor, cells: torch.Tensor, allowed: Sequence[int] | None):
-        n = probs.shape[0]
-        flat = torch.nonzero(cells.view(-1) == _MIXED).flatten()
-        corners = _corners(flat, cells.shape)
+    def __init__(self, probs: torch.Tensor, padded: Sequence[int], hit: torch.Tensor, allowed: Sequence[int] | None):
+        """``hit``: the mixed cells some target voxel reads, as flat indices into the ``padded`` shape."""
+        n, sizes = probs.shape[0], probs.shape[1:]
+        z, y, x = hit // (padded[1] * padded[2]) - 1, hit // padded[2] % padded[1] - 1, hit % padded[2] - 1
+        corners = _corners((z * sizes[1] + y) * sizes[2] + x, sizes)
         values = probs.reshape(n, -1)[:, corners.view(-1)].view(n, -1, 8)  # (C, cells, 8)
         floor = values.amin(2).amax(0)  # the winner anywhere in the cell reaches this
         candidate = (values.amax(2) >= floor).T  # (cells, C)
-        if allowed is not None:  # cells where no allowed structure can win are background
-            relevant = candidate[:, [c for c in allowed if 0 < c < n]].any(1)
-            cells.view(-1)[flat[~relevant]] = 0
-            flat, values, candidate = flat[relevant], values[:, relevant], candidate[relevant]
+        keep = torch.arange(len(hit))
+        if allowed is not None:  # cells where no allowed structure can win are background (no slot)
+            keep = torch.nonzero(candidate[:, [c for c in allowed if 0 < c < n]].any(1)).flatten()
+            candidate = candidate[keep]
         bounds = [b for b in _BUCKETS if b < n] + [n]
         bucket = torch.bucketize(candidate.sum(1), torch.tensor(bounds))  # index of the first bound ≥ count
         order = torch.argsort(bucket, stable=True)
@@ -117,15 +118,16 @@ class _MixedCells:
         for b, m in enumerate(bounds):
             part = order[start : start + int((bucket == b).sum())]
             idx = ranked[part, :m]
-            table = values[idx, part[:, None]]  # (cells, m, 8)
+            table = values[idx, keep[part][:, None]]  # (cells, m, 8)
             table = torch.where(candidate[part].gather(1, idx)[:, :, None], table, -1.0)
             self.tables.append((start, table, idx.to(torch.uint8)))
             start += len(part)
-        self.slot = torch.full((cells.numel(),), -1, dtype=torch.int64)
-        self.slot[flat[order]] = torch.arange(len(flat))
+        self.slot = torch.full((int(np.prod(padded)),), -1, dtype=torch.int64)
+        self.slot[hit[keep[order]]] = torch.arange(len(keep))
 
     def argmax(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Winning class (lowest on ties) at points of the cells ``slots`` with corner weights (n, 8)."""
+        """Winning class (lowest on ties) at points of the cells ``slots`` (all with a slot) with
+        corner weights (n, 8)."""
         label = torch.empty(len(slots), dtype=torch.uint8)
         for i, (start, table, classes) in enumerate(self.tables):
             if not len(table):
@@ -153,27 +155,45 @@ def labels_on_target(
     lut = torch.where(keep, torch.arange(256), 0).to(torch.uint8)
     sizes = probs.shape[1:]
     cells = lut[_agreement(torch.from_numpy(class_argmax(probs))).long()]
-    mixed = _MixedCells(probs, cells, allowed)
     padded = torch.nn.functional.pad(cells[None], (1, 1, 1, 1, 1, 1))[0]  # border 0: outside the grid
-    slot = torch.nn.functional.pad(mixed.slot.view(sizes)[None], (1, 1, 1, 1, 1, 1), value=-1)[0]
     stride = (padded.shape[1] * padded.shape[2], padded.shape[2])
     shape = target.GetSize()[::-1]
     labels = np.empty(shape, np.uint8)
     out = torch.from_numpy(labels)
     step = max(1, _SLAB_VOXELS // (shape[1] * shape[2]))
-    for r in range(0, shape[0], step):
+
+    def slab(r: int) -> tuple[int, list]:
         rows = min(step, shape[0] - r)
-        axes = [_axis(c, m) for c, m in zip(target_to_source(grid, target, r, rows), sizes)]
+        return rows, [_axis(c, m) for c, m in zip(target_to_source(grid, target, r, rows), sizes)]
+
+    def decode(at_mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return at_mixed // (shape[1] * shape[2]), at_mixed // shape[2] % shape[1], at_mixed % shape[2]
+
+    # pass 1: every voxel reads its cell's label; the mixed cells actually read are noted
+    pending = []
+    hit = torch.zeros(padded.numel(), dtype=torch.bool)
+    for r in range(0, shape[0], step):
+        rows, axes = slab(r)
         part = out[r : r + rows]
         _gather(padded, [a[0] for a in axes], part)
         at_mixed = torch.nonzero(part.view(-1) == _MIXED).flatten()
-        if not len(at_mixed):
-            continue
-        at = (at_mixed // (shape[1] * shape[2]), at_mixed // shape[2] % shape[1], at_mixed % shape[2])
-        w = [_pick(a[1], at).float() for a in axes]
+        if len(at_mixed):
+            at = decode(at_mixed)
+            cell = _pick(axes[0][0], at) * stride[0] + _pick(axes[1][0], at) * stride[1] + _pick(axes[2][0], at)
+            hit[cell] = True
+            pending.append((r, at_mixed, cell))
+    if not pending:
+        return labels
+    # pass 2: interpolate there, over the candidates of each cell
+    mixed = _MixedCells(probs, padded.shape, torch.nonzero(hit).flatten(), allowed)
+    for r, at_mixed, cell in pending:
+        rows, axes = slab(r)
+        part = out[r : r + rows].view(-1)
+        slots = mixed.slot[cell]
+        part[at_mixed] = 0  # cells without a slot: no allowed structure can win there
+        at_mixed, slots = at_mixed[slots >= 0], slots[slots >= 0]
+        w = [_pick(a[1], decode(at_mixed)).float() for a in axes]
         pairs = [torch.stack([1.0 - x, x], 1) for x in w]
         weights = (pairs[0][:, :, None, None] * pairs[1][:, None, :, None] * pairs[2][:, None, None, :]).view(-1, 8)
-        cell = _pick(axes[0][0], at) * stride[0] + _pick(axes[1][0], at) * stride[1] + _pick(axes[2][0], at)
-        winner = mixed.argmax(torch.take(slot, cell), weights)
-        part.view(-1)[at_mixed] = lut[winner.long()]
+        part[at_mixed] = lut[mixed.argmax(slots, weights).long()]
     return labels
