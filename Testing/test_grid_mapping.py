@@ -56,9 +56,18 @@ def brute_force(probs: torch.Tensor, grid: sitk.Image, target: sitk.Image) -> np
     return np.argmax(np.stack(resampled), 0).astype(np.uint8)
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def path(request, monkeypatch):
+    """Both passes: interpolation cell by cell, and the dense pass (axis-aligned grids only)."""
+    from MultiTaskSegLib import grid_mapping
+
+    monkeypatch.setattr(grid_mapping, "_DENSE", 2.0 if request.param == "sparse" else -1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("direction", list(DIRECTIONS))
 @pytest.mark.parametrize("size,spacing", [((45, 38, 21), (0.8, 0.9, 1.7)), ((9, 11, 30), (3.1, 2.6, 0.6))])
-def test_labels_equal_the_brute_force(direction, size, spacing):
+def test_labels_equal_the_brute_force(direction, size, spacing, path):
     image = _input(size, spacing, DIRECTIONS[direction])
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
     probs = _probabilities(grid)
@@ -71,7 +80,7 @@ def test_labels_equal_the_brute_force(direction, size, spacing):
         np.testing.assert_array_equal(restricted, restrict_labels(expected.copy(), allowed))
 
 
-def test_points_outside_the_canonical_grid_are_background():
+def test_points_outside_the_canonical_grid_are_background(path):
     image = _input((30, 30, 12), (1.0, 1.0, 1.0), np.eye(3))
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
     target = _input((40, 26, 20), (1.3, 1.0, 0.9), np.eye(3))
@@ -85,7 +94,7 @@ def test_points_outside_the_canonical_grid_are_background():
 
 
 @pytest.mark.parametrize("slices", [1, 2, 3])
-def test_thin_slabs(slices):
+def test_thin_slabs(slices, path):
     """A canonical grid one or two voxels thick: the cells at the far edge repeat the last voxel."""
     image = _input((33, 29, slices), (0.7, 0.7, 5.0), DIRECTIONS["flipped x, z"])
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
