@@ -70,12 +70,10 @@ def test_oblique_grids_are_left_to_sitk():
 
 
 @pytest.mark.parametrize("direction", ["identity", "permuted (sagittal)"])
-def test_labels_on_the_input_grid_equal_the_sitk_argmax(direction, monkeypatch):
-    """The torch path (grid_mapping.py) gives the argmax of every class resampled everywhere."""
-    from MultiTaskSegLib import predictor
+def test_labels_and_uncertainty_on_the_input_grid(direction):
+    """The predictor's stage: labels as the brute-force argmax (test_grid_mapping.py), the uncertainty as sitk."""
     from MultiTaskSegLib.predictor import Predictor
-
-    monkeypatch.setattr(predictor, "_TORCH_MIN_VOXELS", 0)  # this small volume would otherwise take SimpleITK
+    from test_grid_mapping import brute_force
 
     image = _image((61, 47, 33), (0.8, 0.9, 1.3), DIRECTIONS[direction])
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
@@ -88,8 +86,10 @@ def test_labels_on_the_input_grid_equal_the_sitk_argmax(direction, monkeypatch):
     probs = torch.softmax(logits, 0)
     entropy = torch.from_numpy(rng.random(shape, dtype=np.float32))
     labels, uncertainty = Predictor._to_input_grid(probs, entropy, grid, image)
-    expected = Predictor._labels_sitk(probs, list(range(6)), grid, image)
-    assert (labels != expected).sum() <= 2 and set(np.unique(labels)) >= {0, 4}  # float32 vs double: rare ties
+    expected = brute_force(probs, grid, image)
+    assert (labels != expected).sum() == 0 and set(np.unique(labels)) >= {0, 4}
+    restricted, _ = Predictor._to_input_grid(probs, entropy, grid, image, None, [4])
+    np.testing.assert_array_equal(restricted, np.where(expected == 4, 4, 0))
     resampled = sitk.Resample(_as_image(entropy, grid), image, sitk.Transform(), sitk.sitkLinear, 0.0)
     np.testing.assert_allclose(uncertainty, np.clip(sitk.GetArrayFromImage(resampled), 0, 1), atol=1e-6)
 

@@ -121,13 +121,18 @@ def test_array_to_image_copies_reference_geometry():
     _assert_same_geometry(out, image)
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, suffix):
-    """The uncertainty file: uint8 steps, scl_slope 1/255 in the header; readers get [0, 1] floats back."""
+@pytest.mark.parametrize("suffix,member_bytes", [(".nii.gz", None), (".nii.gz", 1000), (".nii", None)])
+def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, suffix, member_bytes, monkeypatch):
+    """The uncertainty file: uint8 steps, scl_slope 1/255 in the header; readers get [0, 1] floats back,
+    also from a file of several gzip members (compressed in parallel)."""
     import gzip
     import struct
 
+    from MultiTaskSegLib import volume_io
     from MultiTaskSegLib.volume_io import write_fraction_map
+
+    if member_bytes:
+        monkeypatch.setattr(volume_io, "_MEMBER_BYTES", member_bytes)
 
     image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
     rng = np.random.default_rng(0)
@@ -144,3 +149,7 @@ def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, s
     _assert_same_geometry(back, image)
     assert back.GetPixelID() == sitk.sitkFloat32
     assert np.abs(sitk.GetArrayFromImage(back) - values).max() <= 1 / 510 + 1e-6
+    if member_bytes:  # several members, and Python's gzip reads them as one stream too
+        data = path.read_bytes()
+        assert data.count(b"\x1f\x8b\x08") >= 3
+        assert len(gzip.decompress(data)) == 352 + values.size

@@ -8,6 +8,7 @@ Slicer module loads is exactly what the command line writes.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,13 +39,14 @@ def save_prediction(
     worker's done line (the Slicer module reads them on its GUI thread, where decompressing a
     large CT would freeze Slicer for seconds). The voxels are the same either way.
     """
-    for key, image in (("seg", prediction.labels), ("uncertainty", prediction.uncertainty)):
+    with ThreadPoolExecutor(1) as pool:  # the two files at once: ITK's and zlib's writers release the GIL
         if raw:  # float32 uncertainty as computed: the module keeps full precision in the scene
-            sitk.WriteImage(image, str(paths[key]), useCompression=False)
-        elif key == "seg":
-            write_volume(image, paths[key])
+            seg = pool.submit(sitk.WriteImage, prediction.labels, str(paths["seg"]), False)
+            sitk.WriteImage(prediction.uncertainty, str(paths["uncertainty"]), useCompression=False)
         else:
-            write_fraction_map(image, paths[key])  # quantised and quickly compressed (BENCHMARKS.md)
+            seg = pool.submit(write_volume, prediction.labels, paths["seg"])
+            write_fraction_map(prediction.uncertainty, paths["uncertainty"])  # quantised, quickly compressed
+        seg.result()
     report = {**prediction.report(), **(extra or {})}
     write_text_atomic(paths["report"], json.dumps(report, indent=2))
     return report

