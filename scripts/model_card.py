@@ -164,7 +164,7 @@ def main() -> None:
         o = m["ood"]["detectors"]
         lines += [
             "",
-            "OOD detection on ood-dev (8 volumes) vs the test cases: "
+            f"OOD detection on ood-dev ({m['ood']['n_ood']} volumes) vs the {m['ood']['n_in_distribution']} test cases: "
             + ", ".join(f"{k} AUROC {fmt(v['auroc'])}" for k, v in o.items())
             + ".",
             "False alarms at the threshold per context: "
