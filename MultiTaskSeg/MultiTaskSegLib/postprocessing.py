@@ -20,9 +20,9 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndar
     """Set every voxel of ``values`` outside its largest 26-connected component to background (in place)."""
     for value in values:
         mask = labels == value
-        if not mask.any():
+        box = _bounding_box(mask)  # label only the bounding box
+        if box is None:
             continue
-        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))  # label only the bounding box
         crop = mask[box]
         components, n = ndimage.label(crop, structure=_FULL)
         if n <= 1:
@@ -32,6 +32,18 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndar
         stray = crop & (components != int(np.argmax(sizes)))
         labels[box][stray] = 0
     return labels
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The slices around the mask (None if empty), from one projection per axis: no index arrays of
+    every voxel, as ``np.nonzero`` would build (a liver on a body CT is millions of voxels)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
