@@ -4,7 +4,7 @@ Used by `mtseg finalise` (the bundle's detector and quality model) and by the tr
 (which fits exactly the same way on its ``fit`` / ``fit_shift`` families and scores the rest).
 
 - Detector: per-context kNN on the concatenated log-spectrum signatures of ``layers``; each
-  context's distance scale is the mean leave-one-case-out nearest-neighbour distance within
+  context's distance scale is the mean leave-one-patient-out nearest-neighbour distance within
   it, shrunk towards the pooled mean (``PRIOR_CASES`` pseudo-cases) so a context with two
   cases is not trusted blindly. The threshold is the conformal (1 − α) quantile of the
   leave-one-case-out scores of the clean fit cases: about α false alarms on new cases of the
@@ -25,6 +25,8 @@ import numpy as np
 from MultiTaskSegLib.ood import SpectralDetector
 from MultiTaskSegLib.quality import FEATURES, QualityModel
 
+from .data import patient_group
+
 PRIOR_CASES = 3.0
 TARGET_FALSE_ALARMS = 0.05
 
@@ -32,6 +34,12 @@ TARGET_FALSE_ALARMS = 0.05
 def case_of(rec: dict) -> str:
     """The case a record belongs to (a corrupted variant belongs to its clean case)."""
     return rec["key"].split("/", 1)[1].split("__")[1]
+
+
+def patient_of(rec: dict) -> str:
+    """The patient a record belongs to: leave-one-out must hold out a whole patient (ACDC's two frames of
+    one heart are near-identical signatures; leaving out one frame would let the other stand in for it)."""
+    return patient_group(case_of(rec))
 
 
 def case_dice(rec: dict) -> float | None:
@@ -57,10 +65,11 @@ def fit_detector(
     sig = signature_rows(fit_recs, layers)
     ctx = np.asarray([r["context"] for r in fit_recs])
     groups = np.asarray([case_of(r) for r in fit_recs])
+    patients = np.asarray([patient_of(r) for r in fit_recs])
     det = SpectralDetector(sig.astype(np.float32), ctx, groups, context_names, list(layers), None, math.inf)
     det.signatures = sig  # float64 while fitting
     d = np.sqrt(np.maximum(((sig[:, None] - sig[None]) ** 2).sum(-1), 0.0))
-    d[groups[:, None] == groups[None]] = np.inf
+    d[patients[:, None] == patients[None]] = np.inf
     within = np.where(ctx[:, None] == ctx[None], d, np.inf).min(1)
     finite = np.isfinite(within)
     pooled = float(within[finite].mean()) if finite.any() else 1.0
@@ -69,16 +78,17 @@ def fit_detector(
         mine = within[(ctx == k) & finite]
         scale[k] = (mine.sum() + PRIOR_CASES * pooled) / (len(mine) + PRIOR_CASES)
     det.context_scale = scale
-    loo = np.asarray([det.nearest(sig[i], exclude=groups == groups[i])[0] for i in range(len(sig))])
+    loo = np.asarray([det.nearest(sig[i], exclude=patients == patients[i])[0] for i in range(len(sig))])
     det.threshold = conformal_quantile(loo, alpha)
     det.signatures = sig.astype(np.float32)
     return det, loo
 
 
 def loo_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
-    """Scores of records whose clean case may be among the detector's signatures: that case left out."""
+    """Scores of records whose clean case may be among the detector's signatures: that patient left out."""
     sig = signature_rows(recs, det.layers)
-    return np.asarray([det.nearest(s, exclude=det.case_ids == case_of(r))[0] for s, r in zip(sig, recs)])
+    patients = np.asarray([patient_group(str(c)) for c in det.case_ids])
+    return np.asarray([det.nearest(s, exclude=patients == patient_of(r))[0] for s, r in zip(sig, recs)])
 
 
 def quality_rows(

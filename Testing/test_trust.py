@@ -17,7 +17,7 @@ from MultiTaskSegLib.bundle import META_FILE, load_bundle, save_bundle
 from MultiTaskSegLib.errors import BundleError
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.quality import QualityModel, structure_evidence
-from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality
+from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality, loo_scores
 from MultiTaskSegTraining.trust_metrics import aurc, failure_table
 
 
@@ -69,6 +69,21 @@ def test_a_threshold_for_5_percent_false_alarms_gives_about_5_percent_on_fresh_s
     fresh = rng.normal(size=(3000, 6))
     rate = np.mean([det.score(x).is_ood for x in fresh])
     assert 0.02 <= rate <= 0.09, rate
+
+
+def test_leave_one_out_holds_out_the_whole_patient():
+    """Two cine frames of one heart have near-identical signatures: leaving out only one frame would
+    score it against its twin and set the threshold too low for new patients."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(20, 4))
+    recs = [
+        {"key": f"fit/D0__patient{i:03d}_frame{f:02d}", "context": 0, "signatures": {"enc0": (c + 1e-3 * f).tolist()}}
+        for i, c in enumerate(centres)
+        for f in (1, 2)
+    ]
+    det, loo = fit_detector(recs, ["enc0"], ["A"])
+    assert loo.min() > 0.01  # the twin frame was never the nearest neighbour
+    assert np.allclose(loo_scores(det, recs[:2]), loo[:2])
 
 
 def test_conformal_quantile():
