@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from MultiTaskSegLib.calibration import Reliability
+from MultiTaskSegLib.postprocessing import bounding_box
 
 # --- metrics on masks ------------------------------------------------------------------------
 
@@ -45,12 +46,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) -> floa
     gt = np.asarray(gt, bool)
     if not pred.any() or not gt.any():
         return None
-    both = pred | gt
-    box = []
-    for axis in range(both.ndim):
-        nz = np.flatnonzero(both.any(axis=tuple(a for a in range(both.ndim) if a != axis)))
-        box.append(slice(max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, both.shape[axis])))
-    box = tuple(box)
+    box = bounding_box(pred | gt, margin=1)
+    assert box is not None  # both masks are non-empty
     sp, sg = _surface(pred[box]), _surface(gt[box])
     spacing = [float(s) for s in spacing_zyx]
     to_gt = ndimage.distance_transform_edt(~sg, sampling=spacing)[sp]

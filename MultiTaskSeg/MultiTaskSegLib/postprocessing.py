@@ -20,7 +20,7 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndar
     """Set every voxel of ``values`` outside its largest 26-connected component to background (in place)."""
     for value in values:
         mask = labels == value
-        box = _bounding_box(mask)  # label only the bounding box
+        box = bounding_box(mask)  # label only the bounding box
         if box is None:
             continue
         crop = mask[box]
@@ -34,15 +34,16 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndar
     return labels
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The slices around the mask (None if empty), from one projection per axis: no index arrays of
-    every voxel, as ``np.nonzero`` would build (a liver on a body CT is millions of voxels)."""
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The slices around the non-zero voxels (None if there are none), widened by ``margin`` within
+    the array, from one projection per axis: no index arrays of every voxel, as ``np.nonzero`` would
+    build (a liver on a body CT is millions of voxels)."""
     box = []
     for axis in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         if hit.size == 0:
             return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)
 
 

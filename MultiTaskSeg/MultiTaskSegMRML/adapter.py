@@ -17,6 +17,7 @@ import slicer
 import vtk
 
 from MultiTaskSegLib.outputs import SegmentationResult
+from MultiTaskSegLib.postprocessing import bounding_box
 from MultiTaskSegLib.terminology import describe, known_terminology
 
 from .display import ATTR_COLOR_TABLE, existing_color_table, set_uncertainty_opacity, show_results, show_uncertainty  # noqa: F401 (re-exported)
@@ -146,15 +147,12 @@ def _prepare(
 def _foreground_crop(labels: np.ndarray) -> vtk.vtkImageData:
     """The label map cut to its foreground's bounding box, keeping its place through the extent
     (importing into a segmentation scans every voxel: a body CT is mostly background)."""
-    bounds = []
-    for axis in range(3):
-        hit = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return image_data_from_array(labels)
-        bounds.append((int(hit[0]), int(hit[-1])))
-    (z0, z1), (y0, y1), (x0, x1) = bounds
-    image_data = image_data_from_array(labels[z0 : z1 + 1, y0 : y1 + 1, x0 : x1 + 1])
-    image_data.SetExtent(x0, x1, y0, y1, z0, z1)
+    box = bounding_box(labels)
+    if box is None:
+        return image_data_from_array(labels)
+    z, y, x = box
+    image_data = image_data_from_array(labels[box])
+    image_data.SetExtent(x.start, x.stop - 1, y.start, y.stop - 1, z.start, z.stop - 1)
     return image_data
 
 
