@@ -22,3 +22,18 @@ def untrained_bundle(tmp_path_factory):
     from bundle_factory import make_untrained_bundle
 
     return make_untrained_bundle(tmp_path_factory.mktemp("bundle") / "untrained")
+
+
+@pytest.fixture
+def scene():
+    """A real, empty MRML scene (slicer-core)."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def shell(monkeypatch, scene):
+    """The Slicer module file imported with only its Qt GUI mocked, on ``scene`` (slicer_shell.py)."""
+    from slicer_shell import import_shell
+
+    return import_shell(monkeypatch, scene)

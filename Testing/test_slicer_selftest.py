@@ -14,17 +14,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
 from MultiTaskSegLib.errors import BundleError  # noqa: E402
 from MultiTaskSegMRML.selftest import default_bundle_missing_reason, run_selftest  # noqa: E402
-from slicer_shell import import_shell  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
-def shell(monkeypatch, scene):
-    return import_shell(monkeypatch, scene)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,6 @@ from slicer_shell import import_shell  # noqa: E402
 
 
 @pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
 def widget(monkeypatch, scene):
     shell = import_shell(monkeypatch, scene)
     w = shell.MultiTaskSegWidget()

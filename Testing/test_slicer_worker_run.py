@@ -21,19 +21,8 @@ from cli_helpers import run_mtseg_predict  # noqa: E402
 from mrml_helpers import exported_labels, node_ids  # noqa: E402
 from MultiTaskSegLib import DEFAULT_BUNDLE, SAMPLE_VOLUME  # noqa: E402
 from MultiTaskSegMRML import adapter  # noqa: E402
-from slicer_shell import import_shell  # noqa: E402
 
 TICK_S = 0.1  # POLL_INTERVAL_MS
-
-
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-@pytest.fixture
-def shell(monkeypatch, scene):
-    return import_shell(monkeypatch, scene)
 
 
 @pytest.fixture(scope="module")
