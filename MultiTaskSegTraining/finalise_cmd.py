@@ -10,19 +10,25 @@ from .config import DEFAULT_TRUST_FIT_CASES
 from .evaluate_cmd import _optional_count
 
 
+def add_fit_cases_argument(p: argparse.ArgumentParser, note: str = "") -> None:
+    """``--fit-cases``, shared by `mtseg finalise` and `mtseg trust` (which must fit the same way)."""
+    p.add_argument(
+        "--fit-cases",
+        type=_optional_count,
+        default=DEFAULT_TRUST_FIT_CASES,
+        metavar="N|all",
+        help=f"train+val cases per context the detector and quality model are fitted on, each also with one "
+        f"seeded artefact{note} (default {DEFAULT_TRUST_FIT_CASES})",
+    )
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="the bundle whose weights and training.split are used")
     p.add_argument("--data", nargs="+", required=True, metavar="DATASET", help="the bundle's MSD dataset folders")
     p.add_argument(
         "--output", "-o", required=True, help="the new bundle directory (may equal --bundle with --overwrite)"
     )
-    p.add_argument(
-        "--fit-cases",
-        type=_optional_count,
-        default=DEFAULT_TRUST_FIT_CASES,
-        metavar="N|all",
-        help=f"train+val cases per context to fit on, each also with one seeded artefact (default {DEFAULT_TRUST_FIT_CASES})",
-    )
+    add_fit_cases_argument(p)
     p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")

@@ -13,8 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_TRUST_FIT_CASES
-from .evaluate_cmd import _optional_count
+from .finalise_cmd import add_fit_cases_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,14 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ood", nargs="*", default=[], metavar="FOLDER", help="OOD volume folders (e.g. ood-dev)")
     p.add_argument("--output-dir", "-o", required=True, help="where records/, trust.json and the plots go")
     p.add_argument("--ci", action="store_true", help="the small CI subset (2 cases per context, 2 artefacts)")
-    p.add_argument(
-        "--fit-cases",
-        type=_optional_count,
-        default=DEFAULT_TRUST_FIT_CASES,
-        metavar="N|all",
-        help=f"train+val cases per context the detector and quality model are fitted on, each also with one "
-        f"seeded artefact; use the bundle's own (`mtseg finalise --fit-cases`) to measure it (default {DEFAULT_TRUST_FIT_CASES})",
-    )
+    add_fit_cases_argument(p, "; use the bundle's own (`mtseg finalise --fit-cases`) to measure it")
     p.add_argument("--records-only", action="store_true", help="compute the cached records, skip the analysis")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--threads", type=int, help="torch CPU threads")
