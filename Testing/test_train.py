@@ -14,7 +14,7 @@ from MultiTaskSegTraining.cli import main
 from MultiTaskSegTraining.data import load_dataset, split_cases
 from MultiTaskSegTraining.losses import partial_label_loss
 from phantoms import make_msd_dataset
-from train_helpers import phantom_datasets, tiny_config
+from train_helpers import phantom_datasets, rename_cases, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,7 @@ def test_split_is_deterministic_patient_level_and_test_cases_are_never_read(trai
 
 def test_acdc_frames_of_one_patient_share_a_split(tmp_path):
     root = make_msd_dataset(tmp_path, "Frames", "MR", n_cases=8)
-    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
-    for i, entry in enumerate(meta["training"]):  # rename to patientNNN_frame0K pairs
-        new = f"patient{i // 2:03d}_frame{i % 2 + 1:02d}.nii.gz"
-        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
-            (root / entry[key]).rename(root / sub / new)
-            entry[key] = f"./{sub}/{new}"
-    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    rename_cases(root, lambda i: f"patient{i // 2:03d}_frame{i % 2 + 1:02d}.nii.gz")  # patientNNN_frame0K pairs
     split = split_cases(load_dataset(root), seed=3)
     for part in split.values():
         patients = {c.split("_frame")[0] for c in part}

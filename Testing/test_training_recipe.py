@@ -18,7 +18,7 @@ from MultiTaskSegTraining.data import CachedCase, load_dataset, patient_group, s
 from MultiTaskSegTraining.sampling import PatchSampler
 from MultiTaskSegTraining.train import lr_at
 from phantoms import make_msd_dataset
-from train_helpers import phantom_datasets, tiny_config
+from train_helpers import phantom_datasets, rename_cases, tiny_config
 
 
 def test_four_digit_case_numbers_are_cases_not_one_patient():
@@ -29,13 +29,7 @@ def test_four_digit_case_numbers_are_cases_not_one_patient():
 
 def test_a_numbered_dataset_gets_validation_and_test_cases(tmp_path):
     root = make_msd_dataset(tmp_path, "Toy", "MR", n_cases=12)
-    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
-    for i, entry in enumerate(meta["training"]):
-        new = f"toy_{i:04d}.nii.gz"
-        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
-            (root / entry[key]).rename(root / sub / new)
-            entry[key] = f"./{sub}/{new}"
-    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    rename_cases(root, lambda i: f"toy_{i:04d}.nii.gz")
     split = split_cases(load_dataset(root), seed=0)
     assert len(split["test"]) == 2 and len(split["val"]) == 1 and len(split["train"]) == 9
 

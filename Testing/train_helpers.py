@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from phantoms import make_msd_dataset
 
@@ -13,6 +14,17 @@ def phantom_datasets(root: Path) -> list[Path]:
     ct = make_msd_dataset(root, "AbdomenPhantomCT", "CT", n_cases=5, seed=0)
     mr = make_msd_dataset(root, "HeartPhantomMR", "MR", n_cases=5, seed=100)
     return [ct, mr]
+
+
+def rename_cases(root: Path, new_name: Callable[[int], str]) -> None:
+    """Rename the i-th case of an MSD dataset (image and label) to ``new_name(i)``, dataset.json too."""
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    for i, entry in enumerate(meta["training"]):
+        new = new_name(i)
+        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
+            (root / entry[key]).rename(root / sub / new)
+            entry[key] = f"./{sub}/{new}"
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
 def tiny_config(path: Path, data: list[Path], **extra) -> Path:
