@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-bundle", help="fine-tune (transfer learning) from this bundle")
     p.add_argument("--finetune", choices=["all", "decoder"], help="what fine-tuning trains (default all)")
     p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (e.g. lower for a warm restart from --init-bundle)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget; the LR schedule anneals within it")
     p.add_argument("--label-mode", choices=["per_structure", "shared_foreground"])
     p.add_argument("--seed", type=int)
@@ -46,6 +47,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         )
     overrides = {
         "steps": args.steps,
+        "lr": args.lr,
         "max_minutes": args.max_minutes,
         "label_mode": args.label_mode,
         "seed": args.seed,

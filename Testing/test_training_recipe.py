@@ -89,6 +89,21 @@ def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
         lr_at(TrainConfig(lr_schedule="step"), 0.5)
 
 
+def test_command_line_lr_and_steps_override_the_config_file(tmp_path):
+    import argparse
+
+    from MultiTaskSegTraining.train_cmd import add_arguments, config_from_args
+
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"lr": 2e-3, "steps": 100}), encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--config", str(path), "-o", "out", "--lr", "5e-4"]))
+    assert (config.lr, config.steps) == (5e-4, 100)
+    config = config_from_args(parser.parse_args(["--config", str(path), "-o", "out", "--steps", "7"]))
+    assert (config.lr, config.steps) == (2e-3, 7)
+
+
 def test_yaml_config_without_the_training_extra_names_the_extra(tmp_path, monkeypatch):
     path = tmp_path / "x.yaml"
     path.write_text("steps: 3\n", encoding="utf-8")
