@@ -124,10 +124,10 @@ class Evaluator:
             self.layer_slices = slices
         return self.layer_slices
 
-    def spectral(self, gram: dict) -> tuple[np.ndarray, dict, OODResult]:
+    def spectral(self, gram: dict, context_logits: np.ndarray | None) -> tuple[np.ndarray, dict, OODResult]:
         """(multi-layer signature, {detector name: score}, the detector's OODResult)."""
         signature = self.detector.signature(gram)
-        result = self.detector.score(signature)
+        result = self.detector.score(signature, *self.predictor.head_context(context_logits))
         scores = {self.detector.name: result.score}
         if len(self.layers) > 1:
             for layer, sl in self._slices(gram).items():
@@ -197,9 +197,9 @@ def score_test_case(
             f"{case.label}: label size {label_image.GetSize()} does not match image size {image.GetSize()}"
         )
     p = ev.run(image, title)
-    signature, spectral_scores, ood = ev.spectral(p.gram)
+    signature, spectral_scores, ood = ev.spectral(p.gram, p.context_logits)
     head = int(np.argmax(p.context_logits)) if p.context_logits is not None else None
-    by_signature = names.index(ood.nearest_context)
+    by_signature = int(ev.detector.context_index[ev.detector.nearest(signature)[1]])  # any context's signatures
     recognised = ev.predictor.recognise_context(p.context_logits, ood)
 
     # calibration on the canonical grid (unrestricted probabilities)
@@ -297,7 +297,7 @@ def size_check(
         ts = time.perf_counter()
         v_img = make(image)
         vp = ev.run(v_img, f"{title} {variant}")
-        _, _, v_ood = ev.spectral(vp.gram)
+        _, _, v_ood = ev.spectral(vp.gram, vp.context_logits)
         records.append(
             {
                 "case": case.case_id,
@@ -324,7 +324,7 @@ def score_ood_volume(ev: Evaluator, name: str, path, title: str, baselines: Base
     """OOD scores of one unlabelled volume: (OOD record, signature)."""
     image = read_volume(path)
     p = ev.run(image, title)
-    signature, spectral_scores, ood = ev.spectral(p.gram)
+    signature, spectral_scores, ood = ev.spectral(p.gram, p.context_logits)
     probs_t = ev.predictor.probabilities(p.logits)
     scores = {**spectral_scores, **baselines.scores(p, probs_t, image_geometry(image))}
     if ev.options.mc_dropout > 0:

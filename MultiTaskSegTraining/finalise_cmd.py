@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--output", "-o", required=True, help="the new bundle directory (may equal --bundle with --overwrite)"
     )
     add_fit_cases_argument(p)
+    p.add_argument(
+        "--layers", nargs="+", metavar="LAYER", help="layers whose signatures the detector uses (default: the bundle's)"
+    )
     p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
@@ -46,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
         args.device,
         args.overwrite,
         log=lambda m: print(m, file=sys.stderr, flush=True),
+        layers=args.layers,
     )
     return 0

@@ -47,6 +47,7 @@ def refit_trust(
     device: str = "auto",
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    layers: Sequence[str] | None = None,
 ) -> Path:
     """Write ``output``: the bundle with a refitted detector and quality model (same weights)."""
     bundle_path, output = Path(bundle_path), Path(output)
@@ -57,7 +58,7 @@ def refit_trust(
     records = run_all(Predictor(bundle, device), jobs, records_dir or default_records_dir(bundle_path), log)
     fit = [r for r in records if r["family"] == "fit"]
     fit_shift = [r for r in records if r["family"] == "fit_shift"]
-    layers = list(bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # the run's ood_layers
+    layers = list(layers or bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # default: the run's ood_layers
     det, loo = fit_detector(fit, layers, bundle.context_names)
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     quality = fit_quality(
@@ -70,18 +71,21 @@ def refit_trust(
         fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
     )
     ood = OodBlock(
-        detector="spectral-ctx",
+        detector=det.name.split(":")[0],
         layers=layers,
         spectrum_length=None,
         threshold=det.threshold,
         context_scale=[float(v) for v in det.context_scale],
-        threshold_rule="conformal 95 % quantile of leave-one-case-out per-context kNN scores of the "
-        "train/val signatures (about 5 % false alarms on new in-distribution cases)",
+        conditioning=det.conditioning,
+        combination=det.combination,
+        threshold_rule="conformal 95 % quantile of the leave-one-patient-out scores of the train/val cases "
+        "(about 5 % false alarms on new in-distribution cases)",
         signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
         "L2-normalised per layer, concatenated",
-        scoring="min over contexts of (distance to the context's nearest training signature) / "
-        "(the context's mean leave-one-case-out nearest-neighbour distance, shrunk to the pooled "
-        "mean with 3 pseudo-cases)",
+        scoring="d = (distance to the nearest training signature of the recognised context) / (that "
+        "context's mean leave-one-patient-out nearest-neighbour distance, shrunk to the pooled mean with "
+        "3 pseudo-cases); score = exp(mean of z(log d) and z(log(1 − context-head confidence))), z on the "
+        "median and spread of the train/val cases (combination)",
         fitted_on=f"{len(fit)} train/val cases (bundle split)",
     )
     meta = dataclasses.replace(copy.deepcopy(bundle.schema), ood=ood, quality=quality.to_dict())

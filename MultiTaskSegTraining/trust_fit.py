@@ -6,9 +6,11 @@ Used by `mtseg finalise` (the bundle's detector and quality model) and by the tr
 - Detector: per-context kNN on the concatenated log-spectrum signatures of ``layers``; each
   context's distance scale is the mean leave-one-patient-out nearest-neighbour distance within
   it, shrunk towards the pooled mean (``PRIOR_CASES`` pseudo-cases) so a context with two
-  cases is not trusted blindly. The threshold is the conformal (1 − α) quantile of the
-  leave-one-case-out scores of the clean fit cases: about α false alarms on new cases of the
-  same distribution.
+  cases is not trusted blindly. By default the distance is taken to the recognised context's
+  signatures only and combined with the context head's confidence: exp of the mean of their
+  z-scores on the log scale of the fit cases. The threshold is the conformal (1 − α) quantile
+  of the leave-one-patient-out scores of the clean fit cases: about α false alarms on new
+  cases of the same distribution.
 - Quality: a logistic model of the per-structure Dice on ``quality.FEATURES`` (OOD z =
   leave-one-case-out score / threshold, so a case is never scored against itself), fitted
   on clean and corrupted fit cases by minimising the soft-label cross-entropy with a small
@@ -22,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from MultiTaskSegLib.ood import SpectralDetector
+from MultiTaskSegLib.ood import EPS, SpectralDetector
 from MultiTaskSegLib.quality import FEATURES, QualityModel
 
 from .data import patient_group
@@ -58,15 +60,40 @@ def conformal_quantile(values: np.ndarray, alpha: float) -> float:
     return float(v[k - 1])
 
 
+def record_context(rec: dict) -> tuple[int | None, float | None]:
+    """(recognised context, the context head's probability for it) of a record, as `predict` sees them."""
+    probs = rec.get("context_probs")
+    if probs is None:
+        return None, None
+    return int(rec["recognised"]), float(probs[rec["recognised"]])
+
+
+def _log_stats(values: np.ndarray) -> list[float]:
+    """[median, spread] of log values: the scale the combined score puts each signal on."""
+    logs = np.log(np.maximum(np.asarray(values, dtype=np.float64), EPS))
+    return [float(np.median(logs)), float(max(logs.std(), 1e-3))]
+
+
 def fit_detector(
-    fit_recs: Sequence[dict], layers: Sequence[str], context_names: list[str], alpha: float = TARGET_FALSE_ALARMS
+    fit_recs: Sequence[dict],
+    layers: Sequence[str],
+    context_names: list[str],
+    alpha: float = TARGET_FALSE_ALARMS,
+    conditioning: str = "recognised",
+    with_confidence: bool = True,
 ) -> tuple[SpectralDetector, np.ndarray]:
-    """(detector, leave-one-case-out score of every fit record) from clean fit records."""
+    """(detector, leave-one-patient-out score of every fit record) from clean fit records.
+
+    ``conditioning="recognised"`` scores against the recognised context's signatures only;
+    ``with_confidence`` combines that distance with the context head's confidence (records without
+    context probabilities, e.g. a head-less bundle, leave the spectral score alone)."""
     sig = signature_rows(fit_recs, layers)
     ctx = np.asarray([r["context"] for r in fit_recs])
     groups = np.asarray([case_of(r) for r in fit_recs])
     patients = np.asarray([patient_of(r) for r in fit_recs])
-    det = SpectralDetector(sig.astype(np.float32), ctx, groups, context_names, list(layers), None, math.inf)
+    det = SpectralDetector(
+        sig.astype(np.float32), ctx, groups, context_names, list(layers), None, math.inf, conditioning=conditioning
+    )
     det.signatures = sig  # float64 while fitting
     d = np.sqrt(np.maximum(((sig[:, None] - sig[None]) ** 2).sum(-1), 0.0))
     d[patients[:, None] == patients[None]] = np.inf
@@ -78,8 +105,19 @@ def fit_detector(
         mine = within[(ctx == k) & finite]
         scale[k] = (mine.sum() + PRIOR_CASES * pooled) / (len(mine) + PRIOR_CASES)
     det.context_scale = scale
-    loo = np.asarray([det.nearest(sig[i], exclude=patients == patients[i])[0] for i in range(len(sig))])
-    det.threshold = conformal_quantile(loo, alpha)
+    heads = [record_context(r) for r in fit_recs]
+    distance = np.asarray(
+        [det.spectral_distance(sig[i], heads[i][0], exclude=patients == patients[i])[0] for i in range(len(sig))]
+    )
+    confidences = [c for _, c in heads if c is not None]
+    if with_confidence and confidences:
+        finite = np.isfinite(distance)
+        det.combination = {
+            "spectral": _log_stats(distance[finite]),
+            "confidence": _log_stats(1.0 - np.asarray(confidences)),
+        }
+    loo = np.asarray([det.combined(x, c) for x, (_, c) in zip(distance, heads)])
+    det.threshold = conformal_quantile(loo[np.isfinite(loo)], alpha)
     det.signatures = sig.astype(np.float32)
     return det, loo
 
@@ -88,7 +126,18 @@ def loo_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
     """Scores of records whose clean case may be among the detector's signatures: that patient left out."""
     sig = signature_rows(recs, det.layers)
     patients = np.asarray([patient_group(str(c)) for c in det.case_ids])
-    return np.asarray([det.nearest(s, exclude=patients == patient_of(r))[0] for s, r in zip(sig, recs)])
+    out = []
+    for s, r in zip(sig, recs):
+        context, confidence = record_context(r)
+        distance, _ = det.spectral_distance(s, context, exclude=patients == patient_of(r))
+        out.append(det.combined(distance, confidence))
+    return np.asarray(out)
+
+
+def record_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
+    """Scores of records of cases the detector was not fitted on (test split, OOD volumes)."""
+    sig = signature_rows(recs, det.layers)
+    return np.asarray([det.score(s, *record_context(r)).score for s, r in zip(sig, recs)])
 
 
 def quality_rows(

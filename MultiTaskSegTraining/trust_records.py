@@ -45,7 +45,7 @@ def image_record(
     window = predictor.window_config(PredictOptions())
     result = predictor.network_pass(pre.array, window, taps=layers)
     t_pass = time.perf_counter() - t0
-    shipped = predictor.detector.score(predictor.detector.signature(result.gram))
+    _, shipped = predictor.score_ood(result.gram, result.context_logits)
     probs = predictor.probabilities(result.logits)
     ctx = predictor.recognise_context(result.context_logits, shipped)
     allowed = predictor.context_labels[ctx]

@@ -1,9 +1,11 @@
 """The trust benchmark's analysis: fit on the ``fit`` families, score everything else, write
 OUT/trust.json and the ROC / risk–coverage plots.
 
-Detector candidates differ only in the layers whose signatures they use (all per-context kNN,
-``trust_fit.fit_detector``); the one shipped by `mtseg finalise` is ``DEFAULT_LAYERS``, chosen
-on the fit families and ood-dev (never on test cases; see docs/RESULTS.md).
+Detector candidates (``trust_fit.fit_detector``) differ in the layers whose signatures they use and in
+whether the spectral distance (to the recognised context's signatures) is combined with the context
+head's confidence; the previous design (nearest signature of any context) is kept for comparison.
+`mtseg finalise` ships ``SHIPPED`` (``DEFAULT_LAYERS``, combined), chosen on the fit families and
+ood-dev (never on test cases; see docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from MultiTaskSegLib.bundle import Bundle
 
 from .evaluate_metrics import json_clean
 from .ood_baselines import SizeControlDetector
-from .trust_fit import case_dice, case_of, fit_detector, fit_quality, log_volume_stats, loo_scores, signature_rows
+from .trust_fit import case_dice, case_of, fit_detector, fit_quality, log_volume_stats, loo_scores, record_scores
 from .trust_metrics import failure_table, ood_table, risk_coverage
 
 LAYER_SETS = {
@@ -27,14 +29,19 @@ LAYER_SETS = {
     "enc4": ["enc4"],
     "enc2-enc4": ["enc2", "enc3", "enc4"],
     "enc0-enc4": ["enc0", "enc1", "enc2", "enc3", "enc4"],
+    "enc1-enc4": ["enc1", "enc2", "enc3", "enc4"],
     "enc0+enc1": ["enc0", "enc1"],
+    "dec2": ["dec2"],
     "all": None,
 }  # None = every layer of the model
-DEFAULT_LAYERS = "enc3+enc4"
+DEFAULT_LAYERS = "enc0+enc1"
+SHIPPED = f"spectral+confidence:{DEFAULT_LAYERS}"
+RECORDED = "detector of the recorded bundle"
 FIT_FAMILIES = ("fit", "fit_shift")
 PER_CONTEXT_SCORES = (
-    "spectral:enc3+enc4 (shipped)",
-    f"spectral-ctx:{DEFAULT_LAYERS}",
+    RECORDED,
+    f"spectral:{DEFAULT_LAYERS}",
+    SHIPPED,
     "entropy_in_structures",
     "1-expected_dice",
 )
@@ -76,7 +83,7 @@ def _selection(detectors: dict, fit: list, fit_shift: list, rest: list, fam: np.
     hurt = [r for r in fit_shift if (clean.get((r["dataset"], case_of(r))) or 0) - (case_dice(r) or 0) > 0.1]
     out = {}
     for name, (det, loo) in detectors.items():
-        s_ood = [det.nearest(s)[0] for s in signature_rows(oods, det.layers)] if oods else []
+        s_ood = list(record_scores(det, oods)) if oods else []
         s_hurt = list(loo_scores(det, hurt)) if hurt else []
         out[name] = {"ood_dev": detection_metrics(loo, s_ood), "corrupted_fit_cases": detection_metrics(loo, s_hurt)}
     return out
@@ -99,14 +106,21 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
         ]
     )
 
-    scores: dict[str, np.ndarray] = {"spectral:enc3+enc4 (shipped)": np.asarray([r["shipped_score"] for r in rest])}
+    scores: dict[str, np.ndarray] = {RECORDED: np.asarray([r["shipped_score"] for r in rest])}
     detectors = {}
+    names_ctx = bundle.context_names
     for name in LAYER_SETS:
-        det, loo = fit_detector(fit, _layers(name, records), bundle.context_names)
-        detectors[name] = (det, loo)
-        scores[f"spectral-ctx:{name}"] = np.asarray([det.nearest(s)[0] for s in signature_rows(rest, det.layers)])
+        layers = _layers(name, records)
+        detectors[f"spectral:{name}"] = fit_detector(fit, layers, names_ctx, with_confidence=False)
+        detectors[f"spectral+confidence:{name}"] = fit_detector(fit, layers, names_ctx)
+    previous = f"spectral, nearest of any context:{DEFAULT_LAYERS}"  # the detector shipped before this one
+    detectors[previous] = fit_detector(
+        fit, LAYER_SETS[DEFAULT_LAYERS], names_ctx, conditioning="any", with_confidence=False
+    )
+    for name, (det, _) in detectors.items():
+        scores[name] = record_scores(det, rest)
     tables_selection = _selection(detectors, fit, fit_shift, rest, fam, clean)
-    det, loo_fit = detectors[DEFAULT_LAYERS]
+    det, loo_fit = detectors[SHIPPED]
     loo_shift = loo_scores(det, fit_shift)
     volume = log_volume_stats(fit, names)
     quality = fit_quality(
@@ -118,7 +132,7 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
         context_labels,
         fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
     )
-    main = scores[f"spectral-ctx:{DEFAULT_LAYERS}"]
+    main = scores[SHIPPED]
     signals = [record_signals(r, s, det.threshold, quality, context_labels, names) for r, s in zip(rest, main)]
     for k in signals[0]:
         scores[k] = np.asarray([s[k] for s in signals])
@@ -142,7 +156,10 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
             "layers": det.layers,
             "threshold": det.threshold,
             "context_scale": det.context_scale,
-            "rule": "per-context kNN, conformal 95 % of leave-one-case-out fit scores",
+            "name": det.name,
+            "combination": det.combination,
+            "rule": "recognised-context kNN combined with the context head's confidence, conformal 95 % of "
+            "leave-one-patient-out fit scores",
         },
         "quality_model": quality.to_dict(),
         "layer_selection": tables_selection,
@@ -217,8 +234,9 @@ def _plots(curves: dict, out: Path) -> list[str]:
     from sklearn.metrics import roc_curve
 
     shown = [
-        "spectral:enc3+enc4 (shipped)",
-        f"spectral-ctx:{DEFAULT_LAYERS}",
+        f"spectral:{DEFAULT_LAYERS}",
+        SHIPPED,
+        "1-context_confidence",
         "entropy_foreground",
         "1-expected_dice",
         "size_control",
@@ -241,7 +259,7 @@ def _plots(curves: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     m = curves["labelled"]
     risk = 1 - curves["dice"][m]
-    for k in shown[1:4] + ["1-soft_dice"]:
+    for k in (SHIPPED, "entropy_foreground", "1-expected_dice", "1-soft_dice"):
         cov, r = risk_coverage(curves["scores"][k][m], risk)
         ax.plot(cov, r, label=k)
     cov, r = risk_coverage(risk, risk)
@@ -278,10 +296,10 @@ def markdown(t: dict) -> str:
     lines = [
         "Families: " + ", ".join(f"{k} {v}" for k, v in t["families"].items()),
         "",
-        "Layer choice without test cases (AUROC: leave-one-case-out fit scores vs ood-dev / vs corrupted fit "
+        "Detector choice without test cases (AUROC: leave-one-case-out fit scores vs ood-dev / vs corrupted fit "
         "cases with Dice drop > 0.1):",
         "",
-        "| layers | ood-dev | corrupted fit cases |",
+        "| detector | ood-dev | corrupted fit cases |",
         "|---|---|---|",
     ]
     for name, v in t["layer_selection"].items():

@@ -200,7 +200,7 @@ def test_evaluate_end_to_end(trained):
         assert set(ctx["context_recognition"]) >= {"head", "signature"}
     detectors = metrics["ood"]["detectors"]
     layers = meta["ood"]["layers"]
-    kind = "spectral-ctx" if meta["ood"].get("context_scale") else "spectral"  # training ends with the trust fit
+    kind = meta["ood"]["detector"]  # training ends with the trust fit
     expected = {
         f"{kind}:{'+'.join(layers)}",
         *(f"spectral:{l}" for l in layers),

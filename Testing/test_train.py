@@ -43,7 +43,7 @@ def test_joint_training_writes_a_bundle_that_predict_uses(trained, datasets, tmp
     # the end of training runs mtseg finalise's fit: per-context detector on up to 4 train+val cases per context
     fit = sum(min(4, len(v["train"]) + len(v["val"])) for v in meta["training"]["split"].values())
     assert det.signatures.shape[0] == fit
-    assert meta["ood"]["detector"] == "spectral-ctx" and meta["ood"]["threshold"] > 0
+    assert meta["ood"]["detector"] == "spectral-ctx-recognised+confidence" and meta["ood"]["threshold"] > 0
     assert meta["quality"]["fitted_on"].startswith(f"{fit} train/val cases")
     image = sorted((datasets[0] / "imagesTr").iterdir())[0]
     out = tmp_path / "pred"
@@ -53,7 +53,7 @@ def test_joint_training_writes_a_bundle_that_predict_uses(trained, datasets, tmp
     assert seg.GetSize() == sitk.ReadImage(str(image)).GetSize()
     report = json.loads((out / f"{case}.json").read_text(encoding="utf-8"))
     assert set(report["labels"].values()) == {"liver", "spleen", "left ventricle", "myocardium"}
-    assert report["ood"]["detector"] == "spectral-ctx:enc2+dec0"
+    assert report["ood"]["detector"] == "spectral-ctx-recognised+confidence:enc2+dec0"
     assert 0.0 <= report["quality"]["expected_dice"] <= 1.0
     assert set(report["quality"]["per_structure"]) <= {"liver", "spleen", "left ventricle", "myocardium"}
 

@@ -86,6 +86,37 @@ def test_leave_one_out_holds_out_the_whole_patient():
     assert np.allclose(loo_scores(det, recs[:2]), loo[:2])
 
 
+def _with_heads(recs: list[dict], rng: np.random.Generator) -> list[dict]:
+    """Records as `predict` sees them: the head recognises the record's context with confidence 0.9–0.99."""
+    for r in recs:
+        p = rng.uniform(0.9, 0.99)
+        r["recognised"], r["context_probs"] = r["context"], [p, 1 - p] if r["context"] == 0 else [1 - p, p]
+    return recs
+
+
+def test_recognised_context_detector_flags_a_wrong_context_and_an_unsure_head():
+    rng = np.random.default_rng(3)
+    recs, a, b = _two_contexts(rng)
+    det, loo = fit_detector(_with_heads(recs, rng), ["enc0"], ["A", "B"], alpha=0.05)
+    assert det.conditioning == "recognised" and set(det.combination) == {"spectral", "confidence"}
+    assert np.mean(loo > det.threshold) <= 0.05
+    # fresh in-distribution cases, recognised right with a typical confidence: about 5 % flagged
+    fresh = [(a + 0.01 * rng.normal(size=4), 0) for _ in range(100)] + [
+        (b + 0.2 * rng.normal(size=4), 1) for _ in range(100)
+    ]
+    rate = np.mean([det.score(x, k, rng.uniform(0.9, 0.99)).is_ood for x, k in fresh])
+    assert rate <= 0.1, rate
+    # an image that looks like context B while the head recognised A: flagged, though near a training signature
+    wrong = det.score(b, 0, 0.95)
+    assert wrong.is_ood and wrong.nearest_context == "A"
+    assert not det.score(b, 1, 0.95).is_ood
+    # a typical signature with an unsure head: flagged by the combination; without a head the spectrum alone
+    assert det.score(a, 0, 0.3).is_ood and not det.score(a, 0, 0.97).is_ood
+    assert not det.score(a).is_ood
+    plain, _ = fit_detector(recs, ["enc0"], ["A", "B"], conditioning="any", with_confidence=False)
+    assert plain.combination is None and not plain.score(b, 0, 0.3).is_ood
+
+
 def test_conformal_quantile():
     assert conformal_quantile(np.arange(1, 20), 0.05) == 19  # ⌈20·0.95⌉ = 19th smallest
     assert conformal_quantile(np.arange(1, 101), 0.1) == 91
@@ -167,6 +198,15 @@ def test_quality_model_round_trips_through_the_bundle_without_pickle(untrained_b
     (b.path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="quality"):
         load_bundle(b.path).quality_model()
+    meta["quality"] = _quality_dict()
+    meta["ood"] |= {"conditioning": "recognised", "combination": {"spectral": [0.1, 0.5], "confidence": [-3.0, 1.0]}}
+    (b.path / META_FILE).write_text(json.dumps(meta))
+    det = load_bundle(b.path).detector()
+    assert det.conditioning == "recognised" and det.combination["confidence"] == [-3.0, 1.0]
+    meta["ood"]["combination"] = {"spectral": [0.1, -1.0], "confidence": [-3.0, 1.0]}
+    (b.path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="ood.combination"):
+        load_bundle(b.path).detector()
     with open(b.path / "signatures.npz", "ab") as f:  # hashes still guard every file
         f.write(b"x")
     with pytest.raises(BundleError, match="corrupt"):

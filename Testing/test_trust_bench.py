@@ -12,6 +12,7 @@ import json
 import pytest
 
 from conftest import ROOT, SHARED_DATA, requires_shared_data
+from MultiTaskSegTraining.trust_report import RECORDED, SHIPPED
 
 pytestmark = requires_shared_data
 
@@ -56,7 +57,7 @@ def test_ci_benchmark_writes_every_table(bench):
     assert t["families"]["id"] == 4 and t["families"]["ood_far"] == 1 and t["families"]["ood_near"] == 1
     assert t["families"]["shift"] == 4 and t["families"]["fit"] == 4 and t["families"]["fit_shift"] == 4
     far = t["ood_vs_test"]["far"]
-    assert set(far) >= {"spectral:enc3+enc4 (shipped)", "1-expected_dice", "size_control", "entropy_foreground"}
+    assert set(far) >= {RECORDED, SHIPPED, "1-context_confidence", "1-expected_dice", "size_control"}
     assert all(0.0 <= v["auroc"] <= 1.0 for v in far.values())
     f = t["failure"]
     assert f["n_cases"] == 8 and f["aurc_oracle"] <= f["aurc_random"]
@@ -81,11 +82,12 @@ def test_finalise_refits_the_shipped_weights_and_predict_reports_quality(bench, 
     new, old = load_bundle(out), load_bundle(BUNDLE)
     assert sha256_file(out / "model.safetensors") == sha256_file(BUNDLE / "model.safetensors")
     assert new.meta["calibration"] == old.meta["calibration"]
-    assert new.meta["ood"]["detector"] == "spectral-ctx" and new.quality_model() is not None
+    assert new.meta["ood"]["detector"] == "spectral-ctx-recognised+confidence" and new.quality_model() is not None
+    assert set(new.meta["ood"]["combination"]) == {"spectral", "confidence"}
     assert (out / "MODEL_CARD.md").is_file()
     case = SHARED_DATA / "LeftAtriumMR" / "imagesTr" / "la_VDOF02M8ZHEAADFMS6NP.nii.gz"
     report = Predictor(new, "cpu").predict(sitk.ReadImage(str(case))).report()
     assert 0.0 <= report["quality"]["expected_dice"] <= 1.0
-    assert report["ood"]["detector"].startswith("spectral-ctx:")
+    assert report["ood"]["detector"].startswith("spectral-ctx-recognised+confidence:")
     with pytest.raises(Exception, match="already holds a bundle"):
         refit_trust(BUNDLE, DATA, out, bench / "records", fit_cases=2, device="cpu", log=lambda m: None)

@@ -36,7 +36,7 @@ def main() -> None:
     pre = preprocess(image, predictor.preprocessing)
     result = predictor.network_pass(pre.array, predictor.window_config(PredictOptions()))
     probs = predictor.probabilities(result.logits)
-    ood = predictor.detector.score(predictor.detector.signature(result.gram))
+    _, ood = predictor.score_ood(result.gram, result.context_logits)
     allowed = predictor.context_labels[predictor.recognise_context(result.context_logits, ood)]
     times: dict[str, list[tuple[float, float]]] = {"cells": [], "dense": []}
     labels = {}

@@ -111,7 +111,8 @@ def _compare_sliding_windows(spec: dict, predictor, bundle, pre, result: dict) -
         half = values["ours_bf16"]
         detector = predictor.detector
         sig32, sig16 = detector.signature(mine.gram), detector.signature(half.gram)
-        score32, score16 = detector.score(sig32), detector.score(sig16)
+        head = predictor.head_context(mine.context_logits)  # the same context for both: only the Gram differs
+        score32, score16 = detector.score(sig32, *head), detector.score(sig16, *head)
         result["sw_ours_bf16_s"] = times["ours_bf16"]
         result["agreement_bf16_vs_monai"] = agreement(half.logits, other, temperature)
         result["agreement_bf16_vs_ours"] = agreement(half.logits, mine.logits, temperature)

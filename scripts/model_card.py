@@ -40,7 +40,7 @@ def fmt(x, d=3):
 
 
 def ood_text(ood: dict) -> str:
-    if ood.get("detector") != "spectral-ctx":  # the first bundles: one global nearest neighbour
+    if not ood.get("detector", "").startswith("spectral-ctx"):  # the first bundles: one global nearest neighbour
         return (
             f"OOD: {ood['signature']}, layers {ood['layers']}; score = distance to the nearest training "
             f"signature; threshold {ood['threshold']:.4f} = {ood['threshold_rule']}."

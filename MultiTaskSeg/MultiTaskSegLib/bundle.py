@@ -99,6 +99,19 @@ class Bundle:
 
     def detector(self) -> SpectralDetector:
         ood = self.schema.ood
+        if ood.combination is not None:
+            ok = isinstance(ood.combination, dict) and set(ood.combination) == {"spectral", "confidence"}
+            ok = ok and all(
+                len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[1] > 0
+                for v in ood.combination.values()
+            )
+            if not ok:
+                raise BundleError(
+                    f"{self.path}: ood.combination must be {{'spectral': [median, spread], 'confidence': "
+                    f"[median, spread]}} with spreads > 0, got {ood.combination!r}; re-run mtseg finalise"
+                )
+        if (ood.conditioning or "any") not in ("any", "recognised"):
+            raise BundleError(f"{self.path}: ood.conditioning must be 'any' or 'recognised', not {ood.conditioning!r}")
         with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
             scale = ood.context_scale  # per-context kNN (absent in older bundles: plain nearest neighbour)
             return SpectralDetector(
@@ -110,6 +123,8 @@ class Bundle:
                 spectrum_length=ood.spectrum_length,
                 threshold=math.inf if ood.threshold is None else float(ood.threshold),
                 context_scale=None if scale is None else np.asarray(scale, dtype=np.float64),
+                conditioning=ood.conditioning or "any",
+                combination=ood.combination,
             )
 
     def quality_model(self) -> QualityModel | None:

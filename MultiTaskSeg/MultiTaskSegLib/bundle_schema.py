@@ -77,6 +77,8 @@ class OodBlock(Block):
     spectrum_length: Optional[int] = None
     threshold: Optional[float] = None  # None: one training case, scores are reported unflagged
     context_scale: Optional[list] = None  # per-context kNN scales (absent: plain nearest neighbour)
+    conditioning: Optional[str] = None  # "recognised": scored against the recognised context only (absent: any)
+    combination: Optional[dict] = None  # {"spectral": [log median, spread], "confidence": [...]} (ood.py)
     threshold_rule: Optional[str] = None
     signature: Optional[str] = None
     scoring: Optional[str] = None

@@ -8,10 +8,17 @@ used raw singular values; see docs/RESULTS.md for what this changes).
 The score of an image is the Euclidean distance to the nearest training signature; the
 default threshold is mean + 2.5·std of the leave-one-out nearest-neighbour distances among
 the training signatures. Nothing here looks at ground truth.
+
+Bundles fitted by `mtseg finalise` refine this (``SpectralDetector``): the distance is taken to the
+signatures of the context the network recognised, in units of that context's typical distance,
+and may be combined with the context head's confidence (both put on the log scale of the fit
+cases), because the spectrum catches artefacts and the confidence catches a wrong anatomy or
+sequence (docs/RESULTS.md, Trust).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -124,10 +131,19 @@ class SpectralDetector:
     spectrum_length: int | None
     threshold: float
     context_scale: np.ndarray | None = None  # (K,) per-context distance scale; None = plain nearest neighbour
+    conditioning: str = "any"  # "recognised": only the signatures of the context the network recognised
+    # log-scale (median, spread) of the fit cases' spectral scores and of 1 − context confidence: with it the
+    # score is exp(mean of the two z-scores), 1 for a typical training case (None = the spectral score alone)
+    combination: dict | None = None
 
     @property
     def name(self) -> str:
-        return ("spectral-ctx:" if self.context_scale is not None else "spectral:") + "+".join(self.layers)
+        kind = "spectral-ctx" if self.context_scale is not None else "spectral"
+        if self.conditioning == "recognised":
+            kind += "-recognised"
+        if self.combination is not None:
+            kind += "+confidence"
+        return f"{kind}:" + "+".join(self.layers)
 
     def signature(self, grams: dict[str, np.ndarray]) -> np.ndarray:
         return signature_from_grams(grams, self.layers, self.spectrum_length)
@@ -142,8 +158,33 @@ class SpectralDetector:
         i = int(np.argmin(d))
         return float(d[i]), i
 
-    def score(self, signature: np.ndarray) -> OODResult:
-        score, i = self.nearest(signature)
+    def spectral_distance(
+        self, signature: np.ndarray, context: int | None = None, exclude: np.ndarray | None = None
+    ) -> tuple[float, int]:
+        """``nearest``, restricted to the recognised ``context``'s signatures when the detector is conditioned
+        on it (all signatures when that context has none left, e.g. a one-patient context left out)."""
+        if self.conditioning == "recognised" and context is not None:
+            other = self.context_index != context
+            mask = other if exclude is None else other | exclude
+            if not mask.all():
+                return self.nearest(signature, mask)
+        return self.nearest(signature, exclude)
+
+    def combined(self, distance: float, confidence: float | None) -> float:
+        """The score from the spectral distance and the context head's confidence (see ``combination``)."""
+        if self.combination is None:
+            return distance
+        med, spread = self.combination["spectral"]
+        z = [(math.log(max(distance, EPS)) - med) / spread]
+        if confidence is not None:  # no context head: the spectral z alone
+            med, spread = self.combination["confidence"]
+            z.append((math.log(max(1.0 - confidence, EPS)) - med) / spread)
+        return math.exp(sum(z) / len(z))
+
+    def score(self, signature: np.ndarray, context: int | None = None, confidence: float | None = None) -> OODResult:
+        """``context``: the recognised context's index; ``confidence``: the context head's probability for it."""
+        distance, i = self.spectral_distance(signature, context)
+        score = self.combined(distance, confidence)
         return OODResult(
             score,
             self.threshold,

@@ -148,6 +148,20 @@ class Predictor:
         probs /= n + 1
         return probs
 
+    def head_context(self, context_logits: np.ndarray | None) -> tuple[int | None, float | None]:
+        """(the context head's choice, its softmax probability); (None, None) when the bundle has no head or
+        recognises contexts by signature. The OOD score is conditioned on it."""
+        if context_logits is None or self.inference.context_source != "head":
+            return None, None
+        probs = torch.softmax(torch.as_tensor(context_logits, dtype=torch.float64), 0)
+        k = int(torch.argmax(probs))
+        return k, float(probs[k])
+
+    def score_ood(self, gram: dict, context_logits: np.ndarray | None) -> tuple[np.ndarray, OODResult]:
+        """(signature, the detector's verdict) of an image from its Gram matrices and the context head's logits."""
+        signature = self.detector.signature(gram)
+        return signature, self.detector.score(signature, *self.head_context(context_logits))
+
     def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
         """Index of the context: the context head's argmax, or the nearest training signature's context."""
         if context_logits is not None and self.inference.context_source == "head":
@@ -200,8 +214,7 @@ class Predictor:
         timings["ood_gram"] = result.gram_s  # part of "inference": the OOD signature's Gram accumulation
 
         t = time.perf_counter()
-        signature = self.detector.signature(result.gram)
-        ood = self.detector.score(signature)
+        signature, ood = self.score_ood(result.gram, result.context_logits)
         timings["ood"] = time.perf_counter() - t
         if on_ood is not None:
             on_ood(ood)
