@@ -151,9 +151,10 @@ def _gram_terms(feats: dict, gauss_share: torch.Tensor, taps: Sequence[str]) -> 
     grams, weights = {}, {}
     for name in taps:
         f = feats[name].float()
-        g = F.adaptive_avg_pool3d(gauss_share, f.shape[2:]).flatten(1)  # (B, V)
-        fm = f.flatten(2)  # (B, C, V)
-        grams[name] = ((fm * g[:, None]) @ fm.transpose(1, 2)).sum(0)
+        g = gauss_share if gauss_share.shape[2:] == f.shape[2:] else F.adaptive_avg_pool3d(gauss_share, f.shape[2:])
+        # (B, V, C): a view for channels-last maps (no copy), so the full-resolution taps stay cheap
+        x = f.permute(0, 2, 3, 4, 1).reshape(f.shape[0], -1, f.shape[1])
+        grams[name] = (x.transpose(1, 2) @ (x * g.reshape(g.shape[0], -1, 1))).sum(0)
         weights[name] = g.sum()
     return grams, weights
 
