@@ -80,10 +80,12 @@ def detector_metrics(ood_records: Sequence[dict]) -> dict:
 
 def definitions(band_radius: int, spectral_name: str) -> dict:
     return {
-        "dice": "2|A∩B|/(|A|+|B|) on the original image grid; null when prediction and reference are both empty",
+        "dice": "2|A∩B|/(|A|+|B|) on the original image grid, of the network's argmax over every structure "
+        "(no restriction, no post-processing); null when prediction and reference are both empty",
         "hd95_mm": "max of the two directed 95th percentiles of surface distances (mm, scipy EDT with voxel "
         "spacing); null when either mask is empty",
-        "dice_restricted": "Dice with the output restricted to the recognised context's structures",
+        "dice_restricted": "Dice of what mtseg predict outputs: restricted to the recognised context's structures, "
+        "then the bundle's largest-component post-processing",
         "confusion_rate": "fraction of predicted foreground voxels (unrestricted) labelled with another "
         "context's structure; 'pooled' = over all voxels of the context's cases",
         "calibration": "per-structure foreground probability vs the label resampled by nearest neighbour "

@@ -1,9 +1,10 @@
 """Per-case scoring of `mtseg evaluate`: one sliding-window pass per image through the public
 ``Predictor`` stages, then segmentation metrics, pooled calibration bins and OOD scores.
 
-Segmentation is scored on the ORIGINAL image grid, exactly as `mtseg predict` makes labels
-(``Predictor.to_input_grid``), without and with restriction to the recognised context's
-structures; calibration on the canonical grid the network sees, against the label resampled
+Segmentation is scored on the ORIGINAL image grid, with the labels `mtseg predict` makes
+(``Predictor.to_input_grid``): the network's argmax over all structures ("dice", "hd95_mm"), and
+what `predict` outputs ("…_restricted": restricted to the recognised context's structures, then the
+bundle's largest-component post-processing); calibration on the canonical grid the network sees, against the label resampled
 there by nearest neighbour (unrestricted probabilities).
 """
 
@@ -24,6 +25,7 @@ from MultiTaskSegLib.calibration import structure_calibration
 from MultiTaskSegLib.errors import DatasetError, MultiTaskSegError
 from MultiTaskSegLib.inference import WindowConfig
 from MultiTaskSegLib.ood import OODResult, nearest_neighbour_distances, signature_from_grams
+from MultiTaskSegLib.postprocessing import keep_largest_component
 from MultiTaskSegLib.predictor import Predictor
 from MultiTaskSegLib.preprocessing import preprocess, resample_label_to_grid
 from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
@@ -226,6 +228,8 @@ def score_test_case(
     entropy = normalised_entropy(probs_t)
     labels, _ = ev.predictor.to_input_grid(probs_t, entropy, p.pre.grid, image)
     restricted = restrict_labels(labels.copy(), context_labels[recognised])
+    post = ev.bundle.schema.postprocessing  # what `mtseg predict` outputs: restricted, then post-processed
+    keep_largest_component(restricted, post.largest_component if post else [])
     del probs_t, entropy
     gt = ds.lut[sitk.GetArrayFromImage(label_image)]
     spacing = image.GetSpacing()[::-1]

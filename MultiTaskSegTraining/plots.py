@@ -142,7 +142,7 @@ def ood_scores(records: list[dict], detector: str, threshold: float, path: Path)
 
 
 def dice_boxplot(contexts: dict, path: Path) -> Path:
-    """Dice per structure (unrestricted and restricted to the recognised context)."""
+    """Dice per structure: the network's argmax over every structure, and predict's output."""
     labels, plain, restricted = [], [], []
     for ctx, c in contexts.items():
         for name, s in c["structures"].items():
@@ -152,8 +152,8 @@ def dice_boxplot(contexts: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.8))
     pos = np.arange(len(labels))
     for data, offset, colour, name in (
-        (plain, -0.18, "tab:blue", "unrestricted"),
-        (restricted, 0.18, "tab:orange", "restricted to recognised context"),
+        (plain, -0.18, "tab:blue", "network argmax, every structure"),
+        (restricted, 0.18, "tab:orange", "mtseg predict's output (restricted, post-processed)"),
     ):
         keep = [i for i, d in enumerate(data) if d]
         if keep:

@@ -67,8 +67,9 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
         "(`configs/arms.yaml`: 400 steps of batch 2 with 32³ patches at 2 mm — far smaller than the "
         "shipped model's). Transfer = pre-train on the other four datasets for 400 steps, then "
         "fine-tune the whole network on the target for 400 steps. Dice on the original image grid, "
-        "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is with the output restricted "
-        "to the recognised context (the deployed behaviour); unrestricted in brackets.",
+        "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is of what `mtseg predict` outputs "
+        "(restricted to the recognised context, then the bundle's largest-component post-processing); the "
+        "network's unrestricted argmax in brackets.",
         "",
         "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 "
         "| Wilcoxon p joint vs dedicated / vs transfer |",
@@ -241,7 +242,7 @@ def default_section(m: dict | None) -> list[str]:
     out = [
         "## 4. The shipped default model on the test split",
         "",
-        "| context | structure | Dice (restricted) | Dice (unrestricted) | HD95 mm (restricted) |",
+        "| context | structure | Dice (predict's output) | Dice (unrestricted argmax) | HD95 mm (predict's output) |",
         "|---|---|---|---|---|",
     ]
     for ctx, c in m["contexts"].items():
