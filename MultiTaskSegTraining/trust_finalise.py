@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,11 +32,16 @@ from MultiTaskSegLib.predictor import Predictor
 from .config import DEFAULT_TRUST_FIT_CASES
 from .trust_bench import Plan, run_all, work_list
 from .trust_fit import fit_detector, fit_quality, log_volume_stats, loo_scores
+from .trust_records import RECORD_VERSION
 from .trust_report import DEFAULT_LAYERS, LAYER_SETS
 
 
 def default_records_dir(bundle_path: Path) -> Path:
-    digest = (load_bundle(bundle_path).schema.files or {})[MODEL_FILE][:16]
+    """A cache per (weights, temperature, post-processing, record format): what a record holds depends on all four."""
+    schema = load_bundle(bundle_path).schema
+    post = schema.postprocessing.largest_component if schema.postprocessing else []
+    key = [(schema.files or {})[MODEL_FILE], schema.calibration.temperature, sorted(post), RECORD_VERSION]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return Path.home() / ".cache" / "multitaskseg" / "trust" / digest
 
 

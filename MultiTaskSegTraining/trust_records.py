@@ -22,6 +22,7 @@ import torch
 
 from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.ood import signature_from_grams
+from MultiTaskSegLib.postprocessing import keep_largest_component
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.preprocessing import preprocess
 from MultiTaskSegLib.quality import structure_evidence
@@ -29,6 +30,8 @@ from MultiTaskSegLib.uncertainty import class_argmax, merge_other_contexts, norm
 
 from .evaluate_metrics import dice, json_clean
 from .ood_baselines import image_geometry, uncertainty_scores
+
+RECORD_VERSION = 2  # 2: "dice" is of the post-processed output (1 had no largest-component filter)
 
 
 def all_layers(predictor: Predictor) -> list[str]:
@@ -62,6 +65,7 @@ def image_record(
         else None
     )
     rec = {
+        "version": RECORD_VERSION,
         "signatures": {k: signature_from_grams(result.gram, [k]).tolist() for k in layers},
         "energies": {k: np.log(np.maximum(np.diag(result.gram[k]), 1e-12)).tolist() for k in layers},
         "context_probs": context_probs,
@@ -74,9 +78,11 @@ def image_record(
         "size": list(image.GetSize()),
         "spacing": list(image.GetSpacing()),
     }
-    if label is not None:
+    if label is not None:  # the Dice of what `predict` outputs: restricted, then post-processed
         labels, _ = predictor.to_input_grid(probs, entropy, pre.grid, image)
         restrict_labels(labels, allowed)
+        post = predictor.bundle.schema.postprocessing
+        keep_largest_component(labels, post.largest_component if post else [])
         rec["dice"] = {str(v): dice(labels == v, label == v) for v in structures}
     rec["seconds"] = {"pass": t_pass, "evidence": t_evidence, "total": time.perf_counter() - t0}
     return rec
@@ -85,7 +91,9 @@ def image_record(
 def cached_record(path: Path, make) -> dict:
     """Read the record at ``path`` or make and write it (temp file + rename: a killed run leaves no half file)."""
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("version", 1) == RECORD_VERSION:
+            return rec  # else a record of an older format: made again
     rec = json_clean(make())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(rec))

@@ -237,3 +237,18 @@ def test_class_argmax_equals_torch_argmax_including_ties():
     probs[[0, 1, 4, 5], 1, 1, 1] = 0.0
     assert np.array_equal(class_argmax(probs), probs.argmax(0).numpy().astype(np.uint8))
     assert class_argmax(probs)[0, 0, 0] == 0 and class_argmax(probs)[1, 1, 1] == 2
+
+
+def test_a_cached_record_of_an_older_format_is_made_again(tmp_path):
+    from MultiTaskSegTraining.trust_records import RECORD_VERSION, cached_record
+
+    path = tmp_path / "fit" / "case.json"
+    made = []
+
+    def make():
+        made.append(1)
+        return {"version": RECORD_VERSION, "dice": {"1": 0.5}}
+
+    assert cached_record(path, make)["dice"] == {"1": 0.5} and cached_record(path, make) and len(made) == 1
+    path.write_text(json.dumps({"dice": {"1": 0.9}}))  # format 1: no version, Dice without post-processing
+    assert cached_record(path, make)["dice"] == {"1": 0.5} and len(made) == 2
