@@ -84,6 +84,43 @@ def test_truncated_nifti_is_not_silently_zero_padded(tmp_path):
             read_volume(path)
 
 
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_nifti_voxels_from_memory_equal_itks_read(tmp_path, inflater, monkeypatch):
+    """read_volume inflates a NIfTI once and takes the voxels from memory: the image must be ITK's own
+    (type, geometry, voxels), for every scalar type, with ISA-L or with the zlib fallback when isal is
+    absent; a corrupt stream is refused. A scaled file (scl_slope) goes through ITK: the fraction-map test."""
+    import gzip
+
+    from MultiTaskSegLib import volume_io
+
+    if inflater == "zlib":
+        monkeypatch.setattr(volume_io, "_gzip", gzip)
+    else:
+        pytest.importorskip("isal")
+        assert volume_io._gzip is not gzip
+    image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
+    values = sitk.GetArrayFromImage(image)
+    for dtype in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64):
+        typed = sitk.GetImageFromArray(values.astype(dtype))
+        typed.CopyInformation(image)
+        for suffix in (".nii", ".nii.gz"):
+            path = tmp_path / f"{np.dtype(dtype).name}{suffix}"
+            sitk.WriteImage(typed, str(path), useCompression=True)
+            back, itk = read_volume(path), sitk.ReadImage(str(path))
+            assert back.GetPixelID() == itk.GetPixelID() == typed.GetPixelID()
+            assert (back.GetSpacing(), back.GetOrigin(), back.GetDirection()) == (
+                itk.GetSpacing(),
+                itk.GetOrigin(),
+                itk.GetDirection(),
+            )
+            np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(itk))
+    data = bytearray((tmp_path / "int16.nii.gz").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a damaged block in the middle of the stream
+    (tmp_path / "corrupt.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(InputVolumeError, match="cannot read"):
+        read_volume(tmp_path / "corrupt.nii.gz")
+
+
 def test_missing_file_and_empty_folder(tmp_path):
     with pytest.raises(InputVolumeError, match="not found"):
         read_volume(tmp_path / "nope.nii.gz")
