@@ -158,18 +158,26 @@ def test_array_to_image_copies_reference_geometry():
     _assert_same_geometry(out, image)
 
 
-@pytest.mark.parametrize("suffix,member_bytes", [(".nii.gz", None), (".nii.gz", 1000), (".nii", None)])
-def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, suffix, member_bytes, monkeypatch):
+@pytest.mark.parametrize(
+    "suffix,member_bytes,deflater",
+    [(".nii.gz", None, "isal"), (".nii.gz", 1000, "isal"), (".nii.gz", 1000, "zlib"), (".nii", None, "isal")],
+)
+def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(
+    tmp_path, suffix, member_bytes, deflater, monkeypatch
+):
     """The uncertainty file: uint8 steps, scl_slope 1/255 in the header; readers get [0, 1] floats back,
-    also from a file of several gzip members (compressed in parallel)."""
+    also from a file of several gzip members (compressed in parallel), by ISA-L or by zlib when isal is absent."""
     import gzip
     import struct
+    import zlib
 
     from MultiTaskSegLib import volume_io
     from MultiTaskSegLib.volume_io import write_fraction_map
 
     if member_bytes:
         monkeypatch.setattr(volume_io, "_MEMBER_BYTES", member_bytes)
+    if deflater == "zlib":
+        monkeypatch.setattr(volume_io, "_deflate", zlib)
 
     image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
     rng = np.random.default_rng(0)

@@ -18,10 +18,12 @@ from .errors import InputVolumeError
 
 _gzip: types.ModuleType = gzip  # the inflater for .nii.gz
 _InflateError: type[Exception] = zlib.error
-try:  # ISA-L's: reads ~2.5× faster than zlib (same bytes); zlib where isal is absent (Slicer's Python may lack it)
+_deflate: types.ModuleType = zlib  # the deflater of the uncertainty file
+try:  # ISA-L's: inflates ~2.5× and deflates at level 1 ~4× faster than zlib; zlib where isal is absent
     from isal import igzip as _gzip
+    from isal import isal_zlib as _deflate
     from isal.isal_zlib import error as _InflateError  # type: ignore[assignment]
-except ImportError:
+except ImportError:  # (Slicer's Python may lack it)
     pass
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -272,15 +274,17 @@ _MEMBER_BYTES = 16 << 20
 
 
 def _gzip_members(data: memoryview, level: int) -> list[bytes]:
-    """``data`` as consecutive gzip members of 16 MB, compressed on all cores (zlib releases the GIL).
+    """``data`` as consecutive gzip members of 16 MB, compressed on all cores (zlib and ISA-L release the GIL).
 
     A gzip file may hold several members; every reader (zlib's gzread in ITK and so Slicer,
-    Python's gzip in nibabel) reads them as one stream.
+    Python's gzip in nibabel) reads them as one stream. ISA-L deflates levels 0–3 (its level 1 on
+    the CT's uncertainty: 0.27 s instead of 1.2 s, a 6 % larger file); higher levels are zlib's.
     """
     chunks = [data[i : i + _MEMBER_BYTES] for i in range(0, len(data), _MEMBER_BYTES)] or [data]
+    deflate = _deflate if level <= 3 else zlib
 
     def member(chunk: memoryview) -> bytes:
-        z = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
+        z = deflate.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
         return z.compress(chunk) + z.flush()
 
     with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
