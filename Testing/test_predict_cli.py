@@ -307,3 +307,19 @@ def test_real_subprocess_run(untrained_bundle, ct_file, tmp_path):
         f"error: {bad}: image is 2D (size (16, 16)); a 3D volume is needed"
     ]
     check_outputs(tmp_path / "out", "ct_case", ct_file[1], untrained_bundle)
+
+
+def test_label_sums_equal_bincount_and_masked_means_across_chunks():
+    """The report's volumes and per-label mean uncertainty come from chunked torch bincounts (1 M voxels a
+    chunk): the same counts as np.bincount, the same means as the masked float means, across chunk edges."""
+    from MultiTaskSegLib.predictor import label_sums
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 5, (3, 700, 600), dtype=np.uint8)  # 1.26 M voxels: two chunks
+    labels[:, :100] = 0
+    values = rng.random(labels.shape, dtype=np.float32)
+    counts, sums = label_sums(labels, values, 7)
+    np.testing.assert_array_equal(counts, np.bincount(labels.ravel(), minlength=7))
+    for v in range(5):
+        assert sums[v] / counts[v] == pytest.approx(float(values[labels == v].astype(np.float64).mean()), rel=1e-9)
+    assert counts[5] == counts[6] == 0 and sums[5] == sums[6] == 0.0

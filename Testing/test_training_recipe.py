@@ -77,6 +77,24 @@ def test_largest_component_removes_stray_blobs_and_is_chosen_only_where_it_helps
     assert record[2]["dice_after"] < record[2]["dice_before"]
 
 
+def test_largest_component_is_kept_wherever_it_lies_and_other_labels_stay():
+    """The largest piece comes second in scan order here (component 2, not 1); the first of equal largest
+    pieces wins; pieces of other labels and diagonal (26-connected) contact are respected."""
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[0, 0, 0:2] = 3  # small piece, first in scan order
+    labels[5:8, 5:8, 5:8] = 3  # the largest piece
+    labels[8, 8, 8] = 3  # touches the largest only at a corner: the same piece
+    labels[11, 0:4, 0] = 4  # another label, in pieces, not filtered
+    labels[11, 6, 0] = 4
+    out = keep_largest_component(labels.copy(), [3])
+    assert (out == 3).sum() == 28 and out[0, 0, 0] == 0 and out[8, 8, 8] == 3
+    assert ((out == 4) == (labels == 4)).all()
+    tie = np.zeros((4, 4, 9), np.uint8)
+    tie[1, 1, 0:3] = tie[1, 1, 5:8] = 1
+    out = keep_largest_component(tie.copy(), [1])
+    assert (out[1, 1, 0:3] == 1).all() and (out[1, 1, 5:8] == 0).all()
+
+
 def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
     for schedule in ("cosine", "poly"):
         config = TrainConfig(lr=1e-2, steps=100, warmup_steps=10, lr_schedule=schedule)

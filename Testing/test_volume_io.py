@@ -84,6 +84,43 @@ def test_truncated_nifti_is_not_silently_zero_padded(tmp_path):
             read_volume(path)
 
 
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_nifti_voxels_from_memory_equal_itks_read(tmp_path, inflater, monkeypatch):
+    """read_volume inflates a NIfTI once and takes the voxels from memory: the image must be ITK's own
+    (type, geometry, voxels), for every scalar type, with ISA-L or with the zlib fallback when isal is
+    absent; a corrupt stream is refused. A scaled file (scl_slope) goes through ITK: the fraction-map test."""
+    import gzip
+
+    from MultiTaskSegLib import volume_io
+
+    if inflater == "zlib":
+        monkeypatch.setattr(volume_io, "_gzip", gzip)
+    else:
+        pytest.importorskip("isal")
+        assert volume_io._gzip is not gzip
+    image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
+    values = sitk.GetArrayFromImage(image)
+    for dtype in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.float32, np.float64):
+        typed = sitk.GetImageFromArray(values.astype(dtype))
+        typed.CopyInformation(image)
+        for suffix in (".nii", ".nii.gz"):
+            path = tmp_path / f"{np.dtype(dtype).name}{suffix}"
+            sitk.WriteImage(typed, str(path), useCompression=True)
+            back, itk = read_volume(path), sitk.ReadImage(str(path))
+            assert back.GetPixelID() == itk.GetPixelID() == typed.GetPixelID()
+            assert (back.GetSpacing(), back.GetOrigin(), back.GetDirection()) == (
+                itk.GetSpacing(),
+                itk.GetOrigin(),
+                itk.GetDirection(),
+            )
+            np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(itk))
+    data = bytearray((tmp_path / "int16.nii.gz").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a damaged block in the middle of the stream
+    (tmp_path / "corrupt.nii.gz").write_bytes(bytes(data))
+    with pytest.raises(InputVolumeError, match="cannot read"):
+        read_volume(tmp_path / "corrupt.nii.gz")
+
+
 def test_missing_file_and_empty_folder(tmp_path):
     with pytest.raises(InputVolumeError, match="not found"):
         read_volume(tmp_path / "nope.nii.gz")
@@ -121,18 +158,26 @@ def test_array_to_image_copies_reference_geometry():
     _assert_same_geometry(out, image)
 
 
-@pytest.mark.parametrize("suffix,member_bytes", [(".nii.gz", None), (".nii.gz", 1000), (".nii", None)])
-def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(tmp_path, suffix, member_bytes, monkeypatch):
+@pytest.mark.parametrize(
+    "suffix,member_bytes,deflater",
+    [(".nii.gz", None, "isal"), (".nii.gz", 1000, "isal"), (".nii.gz", 1000, "zlib"), (".nii", None, "isal")],
+)
+def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(
+    tmp_path, suffix, member_bytes, deflater, monkeypatch
+):
     """The uncertainty file: uint8 steps, scl_slope 1/255 in the header; readers get [0, 1] floats back,
-    also from a file of several gzip members (compressed in parallel)."""
+    also from a file of several gzip members (compressed in parallel), by ISA-L or by zlib when isal is absent."""
     import gzip
     import struct
+    import zlib
 
     from MultiTaskSegLib import volume_io
     from MultiTaskSegLib.volume_io import write_fraction_map
 
     if member_bytes:
         monkeypatch.setattr(volume_io, "_MEMBER_BYTES", member_bytes)
+    if deflater == "zlib":
+        monkeypatch.setattr(volume_io, "_deflate", zlib)
 
     image, _ = phantoms.ct_phantom((20, 18, 10), ANISO, seed=3, direction=OBLIQUE, origin=(-31.5, 12.25, 140.0))
     rng = np.random.default_rng(0)

@@ -261,7 +261,8 @@ def labels_on_target(
         slots = mixed.slot[cell]
         part[at_mixed] = 0  # cells without a slot: no allowed structure can win there
         at_mixed, slots = at_mixed[slots >= 0], slots[slots >= 0]
-        w = [_pick(a[1], decode(at_mixed)).float() for a in axes]
+        at = decode(at_mixed)  # once: the comprehension below used to decode per axis
+        w = [_pick(a[1], at).float() for a in axes]
         pairs = [torch.stack([1.0 - x, x], 1) for x in w]
         weights = (pairs[0][:, :, None, None] * pairs[1][:, None, :, None] * pairs[2][:, None, None, :]).view(-1, 8)
         part[at_mixed] = lut[mixed.argmax(slots, weights).long()]

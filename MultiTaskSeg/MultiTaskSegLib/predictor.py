@@ -252,12 +252,9 @@ class Predictor:
 
         spacing = np.prod(image.GetSpacing()) / 1000.0
         names = self.bundle.label_names
-        counts = np.bincount(labels.ravel(), minlength=max(names) + 1)
+        counts, sums = label_sums(labels, uncertainty, max(names) + 1)
         volumes = {names[v]: float(counts[v] * spacing) for v in sorted(names)}
-        per_label = {}
-        for v in sorted(names):
-            if counts[v]:
-                per_label[names[v]] = float(uncertainty[labels == v].mean())
+        per_label = {names[v]: float(sums[v] / counts[v]) for v in sorted(names) if counts[v]}
         label_image, unc_image = array_to_image(labels, image), array_to_image(uncertainty, image)
         timings["total"] = time.perf_counter() - t0
         report("done", 1.0)
@@ -307,6 +304,20 @@ class Predictor:
         return labels, uncertainty.astype(np.float32, copy=False)
 
     to_input_grid = _to_input_grid  # the public name of the stage
+
+
+def label_sums(labels: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel count and float64 sum of ``values`` per label 0 … n - 1, in 1 M-voxel chunks: np.bincount
+    of the whole array would copy the labels to int64 first (a 512×512×300 CT: 630 MB of fresh
+    pages, 0.4–2.6 s under load, then 0.4 s of per-label masks for the means). numpy, not torch:
+    hundreds of small parallel ops stall on a busy machine."""
+    flat, weights = labels.reshape(-1), values.reshape(-1)
+    counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
+    for i in range(0, flat.size, 1 << 20):
+        part = flat[i : i + (1 << 20)]
+        counts += np.bincount(part, minlength=n)[:n]
+        sums += np.bincount(part, weights=weights[i : i + (1 << 20)], minlength=n)[:n]
+    return counts, sums
 
 
 def predict_image(bundle: Bundle, image: sitk.Image, options: PredictOptions | None = None) -> Prediction:

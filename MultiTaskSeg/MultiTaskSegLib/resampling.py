@@ -149,9 +149,12 @@ def resample_region(
     """A box of the target, (K', len(region[0]), len(region[1]), len(region[2])) float32, from (K, d, h, w)
     source channels (or only ``channels``).
 
-    Only the source voxels the box reads are touched; the axes go in the order that keeps the
-    intermediate smallest (shrinking axes before growing ones). Target axes left out of ``axes``
-    stay at source resolution (the source span the box reads). ``out``: where the last step writes.
+    Only the source voxels the box reads are touched; shrinking axes go first (the intermediate
+    stays smallest), then growing ones from the last array axis to the first: a step along an outer
+    axis copies whole contiguous rows or planes, one along the last axis gathers single floats, so
+    the largest, final step is cheapest along the first axis (the 512×512×300 CT's uncertainty:
+    CPU 0.75 → 0.53 s, best of 3). Target axes left out of ``axes`` stay at source resolution (the
+    source span the box reads). ``out``: where the last step writes.
     """
     spans = [source_range(m, r) for m, r in zip(maps, region)]
     x = source
@@ -162,7 +165,8 @@ def resample_region(
         defaults = [defaults[c] for c in channels]
     x = x.permute(0, *[m.source_axis + 1 for m in maps]).contiguous()  # map i now runs along dim i + 1
     fill = torch.tensor(list(defaults), dtype=torch.float32)
-    order = sorted(axes, key=lambda d: (region[d].stop - region[d].start) / x.shape[d + 1])
+    ratio = {d: (region[d].stop - region[d].start) / x.shape[d + 1] for d in axes}
+    order = sorted(axes, key=lambda d: (ratio[d] > 1, -d if ratio[d] > 1 else ratio[d]))
     for i, d in enumerate(order):
         last = out if i == len(order) - 1 else None
         x = interpolate_along(x, d + 1, maps[d], region[d], fill, shift=spans[d].start, out=last)
