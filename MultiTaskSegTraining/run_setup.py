@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.network import NetworkConfig, ResidualUNet3D
@@ -58,12 +59,14 @@ def prepare_data(config: TrainConfig, work: Path, main: bool = True):
                 sum(len(v) for v in parts.values()),
                 "no temperature fit or validation on it" if "val" in empty else "nothing to test it on",
             )
-    if split_path.exists():
+    # only the main rank reads and writes split.json (atomically): another data-parallel rank reading it while
+    # it is being written saw an empty file; every rank computes the same split from the seed anyway
+    if main and split_path.exists():
         previous = json.loads(split_path.read_text(encoding="utf-8"))
         if previous != splits:
             raise MultiTaskSegError(f"{split_path} differs from the split this config gives; use a new output")
     elif main:
-        split_path.write_text(json.dumps(splits, indent=2), encoding="utf-8")
+        write_text_atomic(split_path, json.dumps(splits, indent=2))
     pre = PreprocessingConfig(tuple(config.target_spacing))
     cache = Path(config.cache_dir or Path.home() / ".cache" / "multitaskseg" / "preprocessed")
     cases: dict[str, list[CachedCase]] = {"train": [], "val": [], "test": []}
