@@ -46,7 +46,7 @@ def ood_text(ood: dict) -> str:
             f"signature; threshold {ood['threshold']:.4f} = {ood['threshold_rule']}."
         )
     return (
-        f"OOD ({ood['detector']}): {ood['signature']}, layers {ood['layers']}; score = {ood['scoring']}; "
+        f"OOD ({ood['detector']}): {ood['signature']}, layers {ood['layers']}; scoring: {ood['scoring']}; "
         f"signatures of {ood['fitted_on']}; threshold {ood['threshold']:.3f} = {ood['threshold_rule']}."
     )
 
