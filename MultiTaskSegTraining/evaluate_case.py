@@ -25,7 +25,6 @@ from MultiTaskSegLib.calibration import structure_calibration
 from MultiTaskSegLib.errors import DatasetError, MultiTaskSegError
 from MultiTaskSegLib.inference import WindowConfig
 from MultiTaskSegLib.ood import OODResult, nearest_neighbour_distances, signature_from_grams
-from MultiTaskSegLib.postprocessing import keep_largest_component
 from MultiTaskSegLib.predictor import Predictor
 from MultiTaskSegLib.preprocessing import preprocess, resample_label_to_grid
 from MultiTaskSegLib.uncertainty import normalised_entropy, restrict_labels, softmax_with_temperature
@@ -228,8 +227,7 @@ def score_test_case(
     entropy = normalised_entropy(probs_t)
     labels, _ = ev.predictor.to_input_grid(probs_t, entropy, p.pre.grid, image)
     restricted = restrict_labels(labels.copy(), context_labels[recognised])
-    post = ev.bundle.schema.postprocessing  # what `mtseg predict` outputs: restricted, then post-processed
-    keep_largest_component(restricted, post.largest_component if post else [])
+    ev.predictor.postprocess(restricted)  # what `mtseg predict` outputs: restricted, then post-processed
     del probs_t, entropy
     gt = ds.lut[sitk.GetArrayFromImage(label_image)]
     spacing = image.GetSpacing()[::-1]

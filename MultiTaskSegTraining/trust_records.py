@@ -22,7 +22,6 @@ import torch
 
 from MultiTaskSegLib.atomic import write_text_atomic
 from MultiTaskSegLib.ood import signature_from_grams
-from MultiTaskSegLib.postprocessing import keep_largest_component
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.preprocessing import preprocess
 from MultiTaskSegLib.quality import structure_evidence
@@ -80,9 +79,7 @@ def image_record(
     }
     if label is not None:  # the Dice of what `predict` outputs: restricted, then post-processed
         labels, _ = predictor.to_input_grid(probs, entropy, pre.grid, image)
-        restrict_labels(labels, allowed)
-        post = predictor.bundle.schema.postprocessing
-        keep_largest_component(labels, post.largest_component if post else [])
+        predictor.postprocess(restrict_labels(labels, allowed))
         rec["dice"] = {str(v): dice(labels == v, label == v) for v in structures}
     rec["seconds"] = {"pass": t_pass, "evidence": t_evidence, "total": time.perf_counter() - t0}
     return rec

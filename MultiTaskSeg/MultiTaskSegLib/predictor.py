@@ -162,6 +162,12 @@ class Predictor:
         signature = self.detector.signature(gram)
         return signature, self.detector.score(signature, *self.head_context(context_logits))
 
+    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+        """The bundle's post-processing, in place: the largest component of each structure chosen on validation.
+        Evaluation and the trust records call it too, so they score what ``predict`` outputs."""
+        post = self.bundle.schema.postprocessing
+        return keep_largest_component(labels, post.largest_component if post else [])
+
     def recognise_context(self, context_logits: np.ndarray | None, ood: OODResult) -> int:
         """Index of the context: the context head's argmax, or the nearest training signature's context."""
         if context_logits is not None and self.inference.context_source == "head":
@@ -246,8 +252,7 @@ class Predictor:
         labels, uncertainty = self.to_input_grid(probs, entropy, pre.grid, image, timings, allowed)
         timings["resample"] = time.perf_counter() - t
         t = time.perf_counter()
-        post = self.bundle.schema.postprocessing
-        keep_largest_component(labels, post.largest_component if post else [])
+        self.postprocess(labels)
         timings["postprocess"] = time.perf_counter() - t
 
         spacing = np.prod(image.GetSpacing()) / 1000.0
