@@ -11,6 +11,7 @@ from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.outputs import output_paths, save_prediction
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
+from MultiTaskSegLib.process_memory import reuse_freed_memory
 from MultiTaskSegLib.volume_io import case_name, is_volume_file, read_volume
 
 from .progress import StageBar
@@ -91,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     for i, (case, path) in enumerate(cases):
         bar = StageBar(f"[{i + 1}/{len(cases)}] {case}", disable=args.quiet)
         try:
-            image = read_volume(path)
-            prediction = predictor.predict(image, options, progress=bar.update)
-            save_prediction(prediction, output_paths(out, case), {"input": str(path), "bundle": str(bundle.path)})
+            with reuse_freed_memory():  # the file read and writes reuse the heap too (process_memory.py)
+                image = read_volume(path)
+                prediction = predictor.predict(image, options, progress=bar.update)
+                save_prediction(prediction, output_paths(out, case), {"input": str(path), "bundle": str(bundle.path)})
             if args.png:
                 from .snapshot import write_overlay_png
 

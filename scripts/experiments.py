@@ -17,7 +17,11 @@ from pathlib import Path
 
 DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "BrainStructuresMR"]
 # issue 11: the contexts with enough cases for a paired test (dedicated and transfer arms for each)
-TARGETS = ["LeftAtriumMR", "BrainTumorMR", "CardiacCineMR"]  # small datasets first: where joint training should help most
+TARGETS = [
+    "LeftAtriumMR",
+    "BrainTumorMR",
+    "CardiacCineMR",
+]  # small datasets first: where joint training should help most
 ROOT = Path(__file__).resolve().parents[1]
 MTSEG = [sys.executable, "-m", "MultiTaskSegTraining.cli"]
 

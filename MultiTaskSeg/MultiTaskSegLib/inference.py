@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError  # noqa: F401  (re-exported for callers of progress callbacks)
+from .process_memory import allow_malloc_tuning, reuse_freed_memory  # noqa: F401  (allow_malloc_tuning re-exported)
 
 if TYPE_CHECKING:
     from .network import NetworkConfig
@@ -173,57 +174,6 @@ def _constant_windows(image: torch.Tensor, slices: list[tuple]) -> dict[int, flo
     return constant
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_MALLOC_TUNING = {"allowed": False}
-
-
-def allow_malloc_tuning(allowed: bool = True) -> None:
-    """Let the sliding window tune glibc's malloc (see ``_reuse_freed_memory``): for a process that is
-    ours alone, such as the `mtseg` CLI or a prediction worker process. Off by default, because
-    ``mallopt`` changes the host process for good (glibc's adaptive thresholds stay off once set):
-    inside Slicer the window runs without it, ~15 % slower on CPU."""
-    _MALLOC_TUNING["allowed"] = allowed
-
-
-def _glibc():
-    """glibc's malloc controls, or None (other C libraries, macOS, Windows)."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, TypeError):
-        return None
-
-
-@contextlib.contextmanager
-def _reuse_freed_memory(enabled: bool):
-    """Keep freed activations in the heap while the windows run, then hand the memory back.
-
-    Each window allocates and frees tens of MB of activations; glibc serves blocks of 32 MB or
-    more with fresh mmap pages and returns freed heap tops to the kernel, so every window pays
-    for ~10⁴ page faults of freshly zeroed memory (15 % of the CPU sliding window on a CT,
-    BENCHMARKS.md). Raising the mmap and trim thresholds for the duration lets freed blocks be
-    reused; afterwards the thresholds go back to the values glibc's own adjustment settles on
-    (32 MB / 64 MB) and malloc_trim returns the free memory. The same effect as running under
-    jemalloc or tcmalloc, without asking the user to preload one. Only where the process owner
-    allowed it (``allow_malloc_tuning``), since glibc cannot be put back to adaptive thresholds.
-    """
-    libc = _glibc() if enabled and _MALLOC_TUNING["allowed"] else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.malloc_trim(0)
-
-
 def _pad_to(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
     pads = [max(p - s, 0) for s, p in zip(array.shape, patch)]
     if not any(pads):
@@ -300,7 +250,7 @@ def sliding_window(
     # One batch after another on torch's intra-op threads. Running windows in parallel with one
     # thread each was 1.1–1.35× faster on aten's layers, but on the inference kernels it is ~7 %
     # slower on 2 cores (measured on a 120×150×150 array), so it was removed.
-    with _reuse_freed_memory(device.type == "cpu"):
+    with reuse_freed_memory(device.type == "cpu"):  # freed activations stay in the heap between windows
         for batch in batches:
             sls, out, batch_grams, batch_weights, context, seconds = run(batch)
             for name in batch_grams:

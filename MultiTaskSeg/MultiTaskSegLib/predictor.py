@@ -23,6 +23,7 @@ from .network import enable_mc_dropout
 from .ood import OODResult
 from .postprocessing import keep_largest_component
 from .preprocessing import grid_to_input, preprocess
+from .process_memory import reuse_freed_memory
 from .quality import QualityResult, structure_evidence
 from .resampling import axis_maps, resample_map
 from .uncertainty import (
@@ -203,7 +204,18 @@ class Predictor:
         on_ood: Callable[[OODResult], None] | None = None,
         keep_probabilities: bool = False,
     ) -> Prediction:
-        options = options or PredictOptions()
+        # the large temporaries after the network (index tables, masks, component maps) reuse the heap too
+        with reuse_freed_memory():
+            return self._predict(image, options or PredictOptions(), progress, on_ood, keep_probabilities)
+
+    def _predict(
+        self,
+        image: sitk.Image,
+        options: PredictOptions,
+        progress: ProgressCallback | None,
+        on_ood: Callable[[OODResult], None] | None,
+        keep_probabilities: bool,
+    ) -> Prediction:
         report = progress or (lambda stage, fraction: None)
         validate_volume(image)
         timings: dict[str, float] = {}
