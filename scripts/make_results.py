@@ -59,14 +59,20 @@ def arm_structures(m: dict | None, ctx: str) -> dict:
 
 
 def comparison_section(arms: Path) -> tuple[list[str], dict]:
+    import yaml
+    from arms_curves import curves, plot, table
+
+    cfg = yaml.safe_load((ROOT / "configs" / "arms.yaml").read_text(encoding="utf-8"))
     joint = load(arms / "joint_eval")
     out = [
         "## 1. Joint vs dedicated vs transfer learning (test split, common budget)",
         "",
         "Same architecture, same seeded patient-level split, same budget for every arm "
-        "(`configs/arms.yaml`: 400 steps of batch 2 with 32³ patches at 2 mm — far smaller than the "
-        "shipped model's). Transfer = pre-train on the other four datasets for 400 steps, then "
-        "fine-tune the whole network on the target for 400 steps. Dice on the original image grid, "
+        f"(`configs/arms.yaml`: {cfg['steps']} steps of batch {cfg['batch_size']} with "
+        f"{'×'.join(str(p) for p in cfg['patch_size'])} patches at 2 mm; the shipped model had "
+        f"10178). Transfer = pre-train on the other four datasets for {cfg['steps']} steps, then "
+        f"fine-tune the whole network on the target for {cfg['steps']} steps. The validation curves "
+        "below show whether each arm reached its plateau. Dice on the original image grid, "
         "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is of what `mtseg predict` outputs "
         "(restricted to the recognised context, then the bundle's largest-component post-processing); the "
         "network's unrestricted argmax in brackets.",
@@ -119,6 +125,18 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
                 if c in joint["contexts"]
             )
             + ".",
+            "",
+        ]
+    data = curves(arms)
+    if data:
+        plot(data, ROOT / "docs" / "figures" / "arms_validation.png")
+        out += [
+            "Validation Dice during training (`python scripts/arms_curves.py`; each arm's validation cases, "
+            f"every {cfg['validate_every']} steps):",
+            "",
+            "![validation curves of the arms](figures/arms_validation.png)",
+            "",
+            *table(data),
             "",
         ]
     return out, summary
