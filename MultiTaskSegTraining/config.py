@@ -42,6 +42,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | poly (nnU-Net's (1 - progress)^0.9)
     cpu_bf16: bool = False  # bf16 autocast for training on CPU (CUDA always uses autocast)
     channels_last: bool = False  # channels-last 3D memory format for training
+    compile: bool = False  # torch.compile the network for the training steps (falls back to eager if it fails)
     sampling: str = "sqrt"  # sqrt | proportional | uniform, across datasets
     foreground_fraction: float = 0.5
     foreground_mode: str = "per_structure"  # per_structure (each structure equally often) | any
