@@ -69,6 +69,7 @@ def test_bench_smoke(tmp_path, untrained_bundle):
     training = report["training"]
     assert "error" not in training, training.get("error")
     assert training["patches_per_s"] > 0 and 0.0 <= training["data_fraction"] <= 1.0
+    assert training["recipe"]["patches_per_s"] > 0 and training["recipe_speedup"] > 0  # the shipped recipe, same run
     text = out.read_text(encoding="utf-8")
     for heading in ("## Machine and versions", "## Command", "## End-to-end", "## Training throughput", "## Targets"):
         assert heading in text

@@ -165,14 +165,27 @@ def render_markdown(report: dict) -> str:
                 f"Default training loop (sampling with foreground oversampling + augmentation, then "
                 f"`train.training_step`: forward, partial-label + context loss, backward, clipping, AdamW) "
                 f"on synthetic cases, batch {tr['batch']} × "
-                f"{'×'.join(map(str, tr['patch']))}, {tr['steps']} timed steps, {tr['threads']} threads:",
+                f"{'×'.join(map(str, tr['patch']))}, {tr['steps']} timed steps, {tr['threads']} threads, fp32; "
+                "the plain loop (contiguous, eager: issue 11's starting point) and the shipped recipe's "
+                "CPU settings (`configs/default_joint.yaml`), same run:",
                 "",
-                "| patches/s | median step s | median data s | data share of step | data loading keeps up |",
-                "|---|---|---|---|---|",
-                f"| {tr['patches_per_s']:.2f} | {tr['median_step_s']:.2f} | {tr['median_data_s']:.3f} | "
+                "| loop | patches/s | median step s | median data s | data share of step | data loading keeps up |",
+                "|---|---|---|---|---|---|",
+                f"| plain | {tr['patches_per_s']:.2f} | {tr['median_step_s']:.2f} | {tr['median_data_s']:.3f} | "
                 f"{100 * tr['data_fraction']:.1f} % | {keeps} |",
-                "",
             ]
+            rc = tr.get("recipe")
+            if rc:
+                name = ", ".join(
+                    n for n, on in (("channels-last", rc["channels_last"]), ("torch.compile", rc["compile"])) if on
+                )
+                lines.append(
+                    f"| recipe ({name or 'as plain'}) | {rc['patches_per_s']:.2f} | {rc['median_step_s']:.2f} | "
+                    f"{rc['median_data_s']:.3f} | {100 * rc['data_fraction']:.1f} % | "
+                    f"{'yes' if rc['data_fraction'] < 0.2 else 'no'} |"
+                )
+                lines += ["", f"Recipe / plain: **{tr['recipe_speedup']:.2f}×** patches/s."]
+            lines.append("")
         if report.get("train_log"):
             lines += [
                 f"From the real training run's log (`{report['train_log']['path']}`, the last "

@@ -178,7 +178,7 @@ def run_training_worker(spec: dict) -> dict:
     from MultiTaskSegTraining.config import TrainConfig
     from MultiTaskSegTraining.data import CachedCase
     from MultiTaskSegTraining.sampling import PatchSampler, augment
-    from MultiTaskSegTraining.train import training_step
+    from MultiTaskSegTraining.train import compiled, training_step
 
     from .phantoms import ct_phantom, mr_phantom
 
@@ -193,44 +193,61 @@ def run_training_worker(spec: dict) -> dict:
         cases.append(
             CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label, tuple(np.array(pre.array.shape) * 2.0))
         )
-    sampler = PatchSampler(cases, 2, patch, seed=0)
-    rng = np.random.default_rng(0)
-    model = ResidualUNet3D(config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    # the shipped training recipe's CPU settings (configs/default_joint.yaml)
+    recipe = TrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "default_joint.yaml")
+    channels_last, compile_ = recipe.channels_last, recipe.compile
     annotated = [list(range(1, config.out_channels))] * 2  # per phantom dataset: every output
-    data_s, step_s = [], []
-    for k in range(spec["steps"] + 1):  # the first step warms up and is not counted
-        t0 = time.perf_counter()
-        x, y, ds = sampler.batch(batch)
-        x, y = augment(x, y, rng)
-        t1 = time.perf_counter()
-        # the real training step (loss, context head, clipping, AdamW), fp32 as `mtseg train` on CPU
-        training_step(
-            model,
-            opt,
-            scaler,
-            x,
-            y.clamp_max(config.out_channels - 1),
-            ds,
-            annotated,
-            TrainConfig().context_loss_weight,
-            ("cpu", torch.bfloat16, False),
-        )
-        t2 = time.perf_counter()
-        if k:
-            data_s.append(t1 - t0)
-            step_s.append(t2 - t0)
-    total = sum(step_s)
+
+    def timed(memory_format: torch.memory_format, compile_net: bool) -> dict:
+        """The loop as `mtseg train` runs it on CPU (fp32), in this memory format, eager or compiled."""
+        torch.manual_seed(0)
+        sampler = PatchSampler(cases, 2, patch, seed=0)
+        rng = np.random.default_rng(0)
+        model = ResidualUNet3D(config).train().to(memory_format=memory_format)
+        net = compiled(model) if compile_net else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        data_s, step_s = [], []
+        for k in range(spec["steps"] + 1):  # the first step warms up (and compiles) and is not counted
+            t0 = time.perf_counter()
+            x, y, ds = sampler.batch(batch)
+            x, y = augment(x, y, rng)
+            x = x.to(memory_format=memory_format)
+            t1 = time.perf_counter()
+            # the real training step (loss, context head, clipping, AdamW)
+            training_step(
+                net,
+                opt,
+                scaler,
+                x,
+                y.clamp_max(config.out_channels - 1),
+                ds,
+                annotated,
+                TrainConfig().context_loss_weight,
+                ("cpu", torch.bfloat16, False),
+            )
+            t2 = time.perf_counter()
+            if k:
+                data_s.append(t1 - t0)
+                step_s.append(t2 - t0)
+        total = sum(step_s)
+        return {
+            "patches_per_s": batch * len(step_s) / total if total else float("nan"),
+            "data_fraction": sum(data_s) / total if total else float("nan"),
+            "median_step_s": median(step_s),
+            "median_data_s": median(data_s),
+        }
+
+    plain = timed(torch.contiguous_format, False)
+    shipped = timed(torch.channels_last_3d if channels_last else torch.contiguous_format, compile_)
     return {
         "patch": list(patch),
         "batch": batch,
         "steps": spec["steps"],
         "threads": torch.get_num_threads(),
-        "patches_per_s": batch * len(step_s) / total if total else float("nan"),
-        "data_fraction": sum(data_s) / total if total else float("nan"),
-        "median_step_s": median(step_s),
-        "median_data_s": median(data_s),
+        **plain,  # the plain loop: the issue's "today" (contiguous fp32, eager)
+        "recipe": {"channels_last": channels_last, "compile": compile_, **shipped},
+        "recipe_speedup": shipped["patches_per_s"] / plain["patches_per_s"],
         "peak_rss_mb": _peak_rss_mb(),
     }
 
