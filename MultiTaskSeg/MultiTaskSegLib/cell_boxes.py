@@ -70,78 +70,114 @@ def _by_difference(va: torch.Tensor, vb: torch.Tensor, w: Sequence[torch.Tensor]
     return torch.where(d >= 0, la, lb)
 
 
-def _take(probs: torch.Tensor, classes: Sequence[int], corners: torch.Tensor, out: torch.Tensor) -> None:
+class _Cells:
+    """The mixed cells some target voxel lies in, by id 0 … M - 1: their corners and boxes."""
+
+    def __init__(self, cells: torch.Tensor, maps: Sequence[AxisMap], target: Sequence[int]):
+        sizes = cells.shape
+        source = [m.source_axis for m in maps]  # the source axis each target axis reads
+        count, self.positions, self.weights = zip(*[_axis_boxes(m, sizes[s]) for m, s in zip(maps, source)])
+        flat = torch.nonzero(cells.view(-1) == MIXED).flatten()
+        coords = (flat // (sizes[1] * sizes[2]), flat // sizes[2] % sizes[1], flat % sizes[2])
+        at = [coords[s] for s in source]  # each cell's source index along each target axis
+        read = (count[0][at[0]] > 0) & (count[1][at[1]] > 0) & (count[2][at[2]] > 0)
+        if not bool(read.all()):  # cells no target voxel lies in (thick-slice or cropped targets)
+            keep = torch.nonzero(read).flatten()
+            flat, at = flat[keep], [a[keep] for a in at]
+        self.flat, self.at = flat, at
+        stride = (sizes[1] * sizes[2], sizes[2], 1)
+        # corner offset per target axis: the source stride, or 0 at the far edge (the last voxel repeats)
+        self.step = [torch.where(a < sizes[s] - 1, stride[s], 0) for a, s in zip(at, source)]
+        self.scale = (target[1] * target[2], target[2], 1)
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def corners(self, ids: torch.Tensor) -> torch.Tensor:
+        """(8, G) flat canonical indices of the corners, (dz, dy, dx) in target axis order."""
+        s = [torch.stack([torch.zeros_like(x), x]) for x in (step[ids] for step in self.step)]
+        c = self.flat[ids] + s[0].view(2, 1, 1, -1) + s[1].view(1, 2, 1, -1)
+        return (c + s[2].view(1, 1, 2, -1)).view(8, -1)
+
+    def box_weights(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return [w[:, a[ids]] for w, a in zip(self.weights, self.at)]
+
+    def box_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B0, B1, B2, G) flat target indices of the boxes."""
+        p = [pos[:, a[ids]] * k for pos, a, k in zip(self.positions, self.at, self.scale)]
+        return p[0][:, None, None] + p[1][None, :, None] + p[2][None, None, :]
+
+
+def _chunks(ids: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.split(ids, _CHUNK))
+
+
+def _take(probs: torch.Tensor, classes: Sequence[int], corners: torch.Tensor) -> torch.Tensor:
+    """(K, 8, G) corner values of ``classes``."""
+    out = torch.empty((len(classes), *corners.shape), dtype=torch.float32)
     for i, k in enumerate(classes):
         torch.take(probs[k], corners, out=out[i])
-
-
-def _all_classes(probs: torch.Tensor, corners: torch.Tensor, w: Sequence[torch.Tensor], lut: torch.Tensor):
-    """Labels (B0, B1, B2, G) of cells with corners ``corners`` (8, G), every class read."""
-    n = probs.shape[0]
-    out = torch.empty((*[len(x) for x in w], corners.shape[1]), dtype=torch.uint8)
-    first = [0] + [k for k in range(1, n) if lut[k]]  # background and the allowed classes
-    values = torch.empty((n, *corners.shape), dtype=torch.float32)
-    _take(probs, first, corners, values)
-    if len(first) < n:  # a context restriction: cells where no allowed class can win are background
-        floor = values[: len(first)].amin(1).amax(0).clamp(min=(1.0 - 1e-3) / n)  # below the true floor
-        hopeful = (values[1 : len(first)].amax(1) >= floor).any(0)
-        out[..., ~hopeful] = 0
-        keep = torch.nonzero(hopeful).flatten()
-        if len(keep) < len(hopeful):
-            corners, w, values = corners[:, keep], [x[:, keep] for x in w], values[:, :, keep]
-        others = [k for k in range(n) if k not in first]
-        _take(probs, others, corners, values[len(first) :])
-        order = torch.tensor(first + others).argsort()
-        values = values[order]  # by class again
-    else:
-        keep = None
-    floor = values.amin(1).amax(0).clamp(min=(1.0 - 1e-3) / n)  # the winner reaches both (the margin: rounding)
-    candidate = values.amax(1) >= floor  # (C, G): at least the classes winning at a corner
-    count = candidate.sum(0)
-    labels = torch.empty((*[len(x) for x in w], corners.shape[1]), dtype=torch.uint8)
-    for low, high in _BUCKETS:
-        cells = torch.nonzero((count >= low) & (count <= high)).flatten()
-        if not len(cells):
-            continue
-        c = candidate[:, cells]
-        m = min(high, int(count[cells].max()))
-        rank = torch.where(c, c.cumsum(0) - 1, m)  # each candidate's slot, by class; the others to a spare row
-        classes = torch.full((m + 1, len(cells)), n).scatter_(0, rank, torch.arange(n)[:, None].expand_as(rank))[:m]
-        valid = classes < n
-        v = values[:, :, cells].gather(0, (classes % n)[:, None].expand(m, 8, -1))
-        wk = [x[:, cells] for x in w]
-        names = lut[classes % n]
-        if m == 2:  # both slots used (two candidates at least)
-            labels[..., cells] = _by_difference(v[0], v[1], wk, names[0], names[1])
-        else:
-            v = torch.where(valid[:, None], v, -1.0)  # an unused slot never wins
-            slot = _interpolate(v.view(m, 2, 2, 2, -1), wk).max(0).indices  # the first maximum: the lowest class
-            labels[..., cells] = names.gather(0, slot.view(-1, len(cells))).view(slot.shape)
-    if keep is None:
-        return labels
-    out[..., keep] = labels
     return out
 
 
-def _resolve(probs, argmax, corners: torch.Tensor, w: Sequence[torch.Tensor], lut: torch.Tensor) -> torch.Tensor:
-    """Labels (B0, B1, B2, G) at the box positions of cells with corners ``corners`` (8, G)."""
+def _pairs(probs, argmax, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: list) -> torch.Tensor:
+    """Resolve the cells ``ids`` whose only candidates are their corners' two winners (into ``results``);
+    returns the others."""
+    corners = cells.corners(ids)
     classes = torch.take(argmax, corners)
     a, b = classes.amin(0).long(), classes.amax(0).long()  # a < b: the corners disagree
     flat = probs.view(-1)
     va, vb = torch.take(flat, a * argmax.numel() + corners), torch.take(flat, b * argmax.numel() + corners)
     others = (1.0 - va - vb).amax(0) + _SUM_MARGIN  # no third class reaches this at a corner
     two = others < torch.maximum(va.amin(0), vb.amin(0))
-    out = torch.empty((*[len(x) for x in w], corners.shape[1]), dtype=torch.uint8)
     la, lb = lut[a], lut[b]
-    same = torch.nonzero(two & (la == lb)).flatten()  # both restricted to background, say
-    out[..., same] = la[same]
+    same = two & (la == lb)  # both restricted to background, say
+    results.append((ids[same], la[same]))
     pair = torch.nonzero(two & (la != lb)).flatten()
     if len(pair):
-        out[..., pair] = _by_difference(va[:, pair], vb[:, pair], [x[:, pair] for x in w], la[pair], lb[pair])
-    rest = torch.nonzero(~two).flatten()
-    if len(rest):
-        out[..., rest] = _all_classes(probs, corners[:, rest], [x[:, rest] for x in w], lut)
-    return out
+        w = [x[:, pair] for x in cells.box_weights(ids)]
+        results.append((ids[pair], _by_difference(va[:, pair], vb[:, pair], w, la[pair], lb[pair])))
+    return ids[~two]
+
+
+def _hopeful(probs, cells: _Cells, ids: torch.Tensor, allowed: list[int], results: list) -> torch.Tensor:
+    """Cells ``ids`` where no allowed class can win become background (into ``results``); returns the others."""
+    n = probs.shape[0]
+    values = _take(probs, [0, *allowed], cells.corners(ids))
+    floor = values.amin(1).amax(0).clamp(min=(1.0 - 1e-3) / n)  # below the winner's (the margin: rounding)
+    hopeful = (values[1:].amax(1) >= floor).any(0)
+    results.append((ids[~hopeful], torch.zeros((), dtype=torch.uint8)))
+    return ids[hopeful]
+
+
+def _all_classes(probs, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: list) -> None:
+    """Resolve the cells ``ids`` reading every class (into ``results``)."""
+    n = probs.shape[0]
+    values = _take(probs, range(n), cells.corners(ids))
+    floor = values.amin(1).amax(0).clamp(min=(1.0 - 1e-3) / n)  # the winner reaches both (the margin: rounding)
+    candidate = values.amax(1) >= floor  # (C, G): at least the classes winning at a corner
+    count = candidate.sum(0)
+    weights = cells.box_weights(ids)
+    for low, high in _BUCKETS:
+        part = torch.nonzero((count >= low) & (count <= high)).flatten()
+        if not len(part):
+            continue
+        c = candidate[:, part]
+        m = min(high, int(count[part].max()))
+        rank = torch.where(c, c.cumsum(0) - 1, m)  # each candidate's slot, by class; the others to a spare row
+        classes = torch.full((m + 1, len(part)), n).scatter_(0, rank, torch.arange(n)[:, None].expand_as(rank))[:m]
+        valid = classes < n
+        classes %= n
+        g = values.shape[-1]
+        v = torch.take(values, (classes[:, None] * 8 + torch.arange(8)[:, None]) * g + part)  # (m, 8, G')
+        w = [x[:, part] for x in weights]
+        names = lut[classes]
+        if m == 2:  # both slots used (every cell has two candidates at least)
+            results.append((ids[part], _by_difference(v[0], v[1], w, names[0], names[1])))
+        else:
+            v = torch.where(valid[:, None], v, -1.0)  # an unused slot never wins
+            slot = _interpolate(v.view(m, 2, 2, 2, -1), w).max(0).indices  # the first maximum: the lowest class
+            results.append((ids[part], names.gather(0, slot.view(-1, len(part))).view(slot.shape)))
 
 
 def _gather_along_axes(padded: torch.Tensor, maps: Sequence[AxisMap], out: torch.Tensor) -> None:
@@ -156,42 +192,38 @@ def _gather_along_axes(padded: torch.Tensor, maps: Sequence[AxisMap], out: torch
 
 
 def labels_on_axis_grid(
-    probs: torch.Tensor, argmax: torch.Tensor, cells: torch.Tensor, maps: Sequence[AxisMap], lut: torch.Tensor
+    probs: torch.Tensor,
+    argmax: torch.Tensor,
+    cells: torch.Tensor,
+    maps: Sequence[AxisMap],
+    lut: torch.Tensor,
+    allowed: Sequence[int] | None,
 ) -> np.ndarray:
     """The target's uint8 labels: each voxel its cell's label from ``cells`` (d, h, w, through ``lut``
     already), the voxels of cells labelled ``MIXED`` the argmax of the resampled ``probs`` (C, d, h, w)
-    through ``lut``. ``argmax``: the canonical argmax (d, h, w). ``cells`` is changed in place."""
-    sizes = probs.shape[1:]
-    source = [m.source_axis for m in maps]  # the source axis each target axis reads
-    boxes = [_axis_boxes(m, sizes[s]) for m, s in zip(maps, source)]
-    flat = torch.nonzero(cells.view(-1) == MIXED).flatten()
-    coords = (flat // (sizes[1] * sizes[2]), flat // sizes[2] % sizes[1], flat % sizes[2])
-    at = [coords[s] for s in source]  # each cell's source index along each target axis
-    read = (boxes[0][0][at[0]] > 0) & (boxes[1][0][at[1]] > 0) & (boxes[2][0][at[2]] > 0)
-    if not bool(read.all()):  # cells no target voxel lies in (thick-slice or cropped targets)
-        keep = torch.nonzero(read).flatten()
-        flat, at = flat[keep], [a[keep] for a in at]
-    stride = (sizes[1] * sizes[2], sizes[2], 1)
-    pending = []
-    for s in range(0, len(flat), _CHUNK):
-        c = [a[s : s + _CHUNK] for a in at]
-        # corner offsets per target axis: the source stride, or 0 at the far edge (the last voxel repeats)
-        step = [torch.where(c[a] < sizes[source[a]] - 1, stride[source[a]], 0) for a in range(3)]
-        corners = flat[s : s + _CHUNK] + torch.stack([step[0] * 0, step[0]]).view(2, 1, 1, -1)
-        corners = corners + torch.stack([step[1] * 0, step[1]]).view(1, 2, 1, -1)
-        corners = (corners + torch.stack([step[2] * 0, step[2]]).view(1, 1, 2, -1)).view(8, -1)
-        labels = _resolve(probs, argmax, corners, [boxes[a][2][:, c[a]] for a in range(3)], lut)
-        low, high = labels.view(-1, labels.shape[-1]).aminmax(dim=0)
-        uniform = low == high  # one label in the whole box: the gather below writes it
-        cells.view(-1)[flat[s : s + _CHUNK][uniform]] = low[uniform]
-        crossed = torch.nonzero(~uniform).flatten()
-        pending.append(([x[crossed] for x in c], labels[..., crossed]))
+    through ``lut`` (the restriction to ``allowed``). ``argmax``: the canonical argmax (d, h, w).
+    ``cells`` is changed in place."""
     result = np.empty([len(m.low) for m in maps], np.uint8)
     out = torch.from_numpy(result)
+    mixed = _Cells(cells, maps, out.shape)
+    results: list[tuple[torch.Tensor, torch.Tensor]] = []  # (cell ids, labels (B0, B1, B2, G) or (G,))
+    rest = [_pairs(probs, argmax, mixed, ids, lut, results) for ids in _chunks(torch.arange(len(mixed)))]
+    if allowed is not None:
+        wanted = [c for c in allowed if 0 < c < probs.shape[0]]
+        rest = [_hopeful(probs, mixed, ids, wanted, results) for ids in _chunks(torch.cat(rest))]
+    for ids in _chunks(torch.cat(rest)):
+        _all_classes(probs, mixed, ids, lut, results)
+    pending = []
+    for ids, labels in results:  # a box with one label: the cell gets it, the gather below writes it
+        if labels.dim() <= 1 or not len(ids):
+            cells.view(-1)[mixed.flat[ids]] = labels
+            continue
+        low, high = labels.view(-1, len(ids)).aminmax(dim=0)
+        uniform = low == high
+        cells.view(-1)[mixed.flat[ids[uniform]]] = low[uniform]
+        crossed = torch.nonzero(~uniform).flatten()
+        pending.append((ids[crossed], labels[..., crossed]))
     _gather_along_axes(torch.nn.functional.pad(cells[None], (1, 1, 1, 1, 1, 1))[0], maps, out)
-    scale = (out.shape[1] * out.shape[2], out.shape[2], 1)
-    for c, labels in pending:  # the boxes a boundary crosses
-        p = [boxes[a][1][:, c[a]] * scale[a] for a in range(3)]
-        index = p[0][:, None, None] + p[1][None, :, None] + p[2][None, None, :]
-        out.view(-1)[index.view(-1)] = labels.reshape(-1)
+    for ids, labels in pending:  # the boxes a boundary crosses
+        out.view(-1)[mixed.box_index(ids).view(-1)] = labels.reshape(-1)
     return result

@@ -180,7 +180,7 @@ def labels_on_target(
     cells = lut[_agreement(argmax).long()]
     maps = axis_maps(grid, target)
     if maps is not None:  # every scanner volume: cell by cell, separably (cell_boxes.py)
-        return labels_on_axis_grid(probs, argmax, cells, maps, lut)
+        return labels_on_axis_grid(probs, argmax, cells, maps, lut, allowed)
     _prune(probs, cells, allowed)
     padded = torch.nn.functional.pad(cells[None], (1, 1, 1, 1, 1, 1))[0]  # border 0: outside the grid
     stride = (padded.shape[1] * padded.shape[2], padded.shape[2])
