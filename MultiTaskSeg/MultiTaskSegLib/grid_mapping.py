@@ -13,13 +13,13 @@ voxels around it (its cell). Three facts keep the labels exact while most of the
 - with a context restriction (``allowed``), a cell where no allowed structure can win is
   background whatever wins there.
 
-Where the prediction is so fragmented that more than _DENSE of the cells still need interpolation,
-an axis-aligned grid takes the dense pass instead (the candidate classes resampled along two axes,
-the last step only where two source columns disagree), which is cheaper there.
+Axis-aligned grids (every scanner volume) resolve the mixed cells one box of target voxels at a
+time, separably (cell_boxes.py); oblique grids, here, voxel by voxel: each voxel's cell index from
+the affine index map, its 8 corner weights, and a table of its cell's candidates. The 512×512×300
+CT phantom, CPU time at 1 thread: 3.0 s voxel by voxel, about 1 s by boxes.
 
 The result equals resampling every class everywhere and taking the argmax (SimpleITK's rule,
 see resampling.py; lowest class on ties), then restricting, up to float rounding at near-ties.
-Any grid, axis-aligned or oblique: the cell index comes from the affine index map.
 """
 
 from __future__ import annotations
