@@ -150,6 +150,8 @@ def test_exact_ties_at_interpolated_points(path):
         ((0.0, 0.625, 0.375, 0.0), (0.0, 0.375, 0.625, 0.0), 1),  # two candidates, interpolated by difference
         ((0.5, 0.25, 0.25, 0.0), (0.0, 0.25, 0.25, 0.5), 0),  # four candidates
     ):
-        probs = torch.where(odd, torch.tensor(odd_values)[:, None, None, None], torch.tensor(even_values)[:, None, None, None])
+        probs = torch.where(
+            odd, torch.tensor(odd_values)[:, None, None, None], torch.tensor(even_values)[:, None, None, None]
+        )
         expected = _check(probs.float().contiguous(), grid, target, allowed_sets=([2], [1, 3]))
         assert (expected[1::2, 1::2, 1::2] == winner).all()  # the centres of the cells: every class ties

@@ -34,6 +34,7 @@ MIXED = 255  # cell label where the corners disagree (at most 255 classes)
 _CHUNK = 1 << 14  # cells per step: the (candidates × box × cells) temporaries stay in cache
 _BUCKETS = ((2, 2), (3, 4), (5, 255))  # candidates per cell: slots of one interpolation
 _SUM_MARGIN = 1e-4  # float rounding of a softmax's sum (~C × 6e-8) and of 1 − p_a − p_b, with room to spare
+_Results = list[tuple[torch.Tensor, torch.Tensor]]  # (cell ids, their labels: (B0, B1, B2, G), (G,) or one)
 
 
 def _axis_boxes(m: AxisMap, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +65,9 @@ def _interpolate(v: torch.Tensor, w: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.lerp(v[:, :1], v[:, 1:], w[0].view(-1, 1, 1, g))
 
 
-def _by_difference(va: torch.Tensor, vb: torch.Tensor, w: Sequence[torch.Tensor], la, lb) -> torch.Tensor:
+def _by_difference(
+    va: torch.Tensor, vb: torch.Tensor, w: Sequence[torch.Tensor], la: torch.Tensor, lb: torch.Tensor
+) -> torch.Tensor:
     """Labels ``la`` where the interpolated p_a − p_b is ≥ 0, else ``lb`` (a < b): (B0, B1, B2, G)."""
     d = _interpolate((va - vb).view(1, 2, 2, 2, -1), w)[0]
     return torch.where(d >= 0, la, lb)
@@ -120,7 +123,9 @@ def _take(probs: torch.Tensor, classes: Sequence[int], corners: torch.Tensor) ->
     return out
 
 
-def _pairs(probs, argmax, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: list) -> torch.Tensor:
+def _pairs(
+    probs: torch.Tensor, argmax: torch.Tensor, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: _Results
+) -> torch.Tensor:
     """Resolve the cells ``ids`` whose only candidates are their corners' two winners (into ``results``);
     returns the others."""
     corners = cells.corners(ids)
@@ -140,7 +145,9 @@ def _pairs(probs, argmax, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, r
     return ids[~two]
 
 
-def _hopeful(probs, cells: _Cells, ids: torch.Tensor, allowed: list[int], results: list) -> torch.Tensor:
+def _hopeful(
+    probs: torch.Tensor, cells: _Cells, ids: torch.Tensor, allowed: list[int], results: _Results
+) -> torch.Tensor:
     """Cells ``ids`` where no allowed class can win become background (into ``results``); returns the others."""
     n = probs.shape[0]
     values = _take(probs, [0, *allowed], cells.corners(ids))
@@ -150,7 +157,7 @@ def _hopeful(probs, cells: _Cells, ids: torch.Tensor, allowed: list[int], result
     return ids[hopeful]
 
 
-def _all_classes(probs, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: list) -> None:
+def _all_classes(probs: torch.Tensor, cells: _Cells, ids: torch.Tensor, lut: torch.Tensor, results: _Results) -> None:
     """Resolve the cells ``ids`` reading every class (into ``results``)."""
     n = probs.shape[0]
     values = _take(probs, range(n), cells.corners(ids))
@@ -206,7 +213,7 @@ def labels_on_axis_grid(
     result = np.empty([len(m.low) for m in maps], np.uint8)
     out = torch.from_numpy(result)
     mixed = _Cells(cells, maps, out.shape)
-    results: list[tuple[torch.Tensor, torch.Tensor]] = []  # (cell ids, labels (B0, B1, B2, G) or (G,))
+    results: _Results = []
     rest = [_pairs(probs, argmax, mixed, ids, lut, results) for ids in _chunks(torch.arange(len(mixed)))]
     if allowed is not None:
         wanted = [c for c in allowed if 0 < c < probs.shape[0]]
