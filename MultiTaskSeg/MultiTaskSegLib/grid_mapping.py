@@ -16,7 +16,8 @@ voxels around it (its cell). Three facts keep the labels exact while most of the
 Axis-aligned grids (every scanner volume) resolve the mixed cells one box of target voxels at a
 time, separably (cell_boxes.py); oblique grids, here, voxel by voxel: each voxel's cell index from
 the affine index map, its 8 corner weights, and a table of its cell's candidates. The 512×512×300
-CT phantom, CPU time at 1 thread: 3.0 s voxel by voxel, about 1 s by boxes.
+CT phantom, CPU time at 1 thread on a loaded machine (benchmarks/label_mapping_ab.py): 4.9 s voxel
+by voxel, 1.6 s by boxes.
 
 The result equals resampling every class everywhere and taking the argmax (SimpleITK's rule,
 see resampling.py; lowest class on ties), then restricting, up to float rounding at near-ties.
