@@ -56,13 +56,25 @@ def brute_force(probs: torch.Tensor, grid: sitk.Image, target: sitk.Image) -> np
     return np.argmax(np.stack(resampled), 0).astype(np.uint8)
 
 
-@pytest.fixture(params=["sparse", "dense"])
+@pytest.fixture(params=["boxes", "voxels"])
 def path(request, monkeypatch):
-    """Both passes: interpolation cell by cell, and the dense pass (axis-aligned grids only)."""
+    """Both paths on every grid: axis-aligned grids by cell boxes (cell_boxes.py), and the voxel-by-voxel
+    path of oblique grids, forced on axis-aligned ones too."""
     from MultiTaskSegLib import grid_mapping
 
-    monkeypatch.setattr(grid_mapping, "_DENSE", 2.0 if request.param == "sparse" else -1.0)
+    if request.param == "voxels":
+        monkeypatch.setattr(grid_mapping, "axis_maps", lambda *grids: None)
     return request.param
+
+
+def _check(probs: torch.Tensor, grid: sitk.Image, target: sitk.Image, allowed_sets=([6], [1, 2], [])) -> np.ndarray:
+    """Labels equal the brute force, unrestricted and restricted; returns the brute force."""
+    expected = brute_force(probs, grid, target)
+    np.testing.assert_array_equal(labels_on_target(probs, grid, target), expected)
+    for allowed in allowed_sets:
+        restricted = labels_on_target(probs, grid, target, allowed)
+        np.testing.assert_array_equal(restricted, restrict_labels(expected.copy(), allowed))
+    return expected
 
 
 @pytest.mark.parametrize("direction", list(DIRECTIONS))
@@ -100,3 +112,46 @@ def test_thin_slabs(slices, path):
     grid = canonical_grid(image, (2.0, 2.0, 2.0))
     probs = _probabilities(grid, seed=slices)
     np.testing.assert_array_equal(labels_on_target(probs, grid, image), brute_force(probs, grid, image))
+
+
+@pytest.mark.parametrize("direction", ["identity", "flipped x, z", "permuted (sagittal)"])
+def test_boxes_of_every_size(direction, path):
+    """Per axis 4–5, 2–3 and 1–2 target voxels per canonical cell (boxes of uneven sizes, unused slots)."""
+    image = _input((38, 24, 17), (0.45, 0.7, 1.3), DIRECTIONS[direction])
+    grid = canonical_grid(image, (2.0, 2.0, 2.0))
+    expected = _check(_probabilities(grid, seed=3), grid, image)
+    assert len(np.unique(expected)) >= 4
+
+
+@pytest.mark.parametrize("direction", ["identity", "flipped x, z", "permuted (sagittal)"])
+def test_target_beyond_the_canonical_grid(direction, path):
+    """A target reaching past the canonical grid on both sides of every axis: the cells at the far
+    edges (the last voxel repeated), the half voxel beyond the first one, and background outside."""
+    image = _input((30, 26, 14), (1.0, 1.0, 1.5), DIRECTIONS[direction])
+    grid = canonical_grid(image, (2.0, 2.0, 2.0))
+    target = _input((52, 44, 33), (0.7, 0.8, 0.9), DIRECTIONS[direction])
+    shift = np.asarray(DIRECTIONS[direction]) @ np.array([-4.9, -5.3, -4.1])
+    target.SetOrigin(tuple(np.array(image.GetOrigin()) + shift))
+    probs = _probabilities(grid, seed=5)
+    probs[:, :, :, -1] = probs[:, :, :, -2].flip(1)  # boundaries in the far-edge cells along x
+    expected = _check(probs, grid, target)
+    assert (expected == 0).any() and len(np.unique(expected)) >= 4
+
+
+def test_exact_ties_at_interpolated_points(path):
+    """Target voxels halfway between canonical voxels whose classes alternate: two candidates tying
+    exactly (0.625/0.375 swapped: 0.5 each) and four tying exactly (0.25 each) go to the lowest class."""
+    grid = sitk.Image([6, 5, 4], sitk.sitkUInt8)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    target = sitk.Image([11, 9, 7], sitk.sitkInt16)  # every other voxel halfway along each axis
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in grid.GetSize()[::-1]], indexing="ij")
+    odd = torch.from_numpy((xx + yy + zz) % 2 == 1)
+    for even_values, odd_values, winner in (
+        ((0.0, 0.625, 0.375, 0.0), (0.0, 0.375, 0.625, 0.0), 1),  # two candidates, interpolated by difference
+        ((0.5, 0.25, 0.25, 0.0), (0.0, 0.25, 0.25, 0.5), 0),  # four candidates
+    ):
+        probs = torch.where(
+            odd, torch.tensor(odd_values)[:, None, None, None], torch.tensor(even_values)[:, None, None, None]
+        )
+        expected = _check(probs.float().contiguous(), grid, target, allowed_sets=([2], [1, 3]))
+        assert (expected[1::2, 1::2, 1::2] == winner).all()  # the centres of the cells: every class ties
