@@ -85,8 +85,10 @@ def refit_trust(
         context_scale=[float(v) for v in det.context_scale],
         conditioning=det.conditioning,
         combination=det.combination,
+        context_factor=None if det.context_factor is None else [float(v) for v in det.context_factor],
         threshold_rule="conformal 95 % quantile of the leave-one-patient-out scores of the train/val cases "
-        "(about 5 % false alarms on new in-distribution cases)",
+        "(about 5 % false alarms on new in-distribution cases); a context whose own cases' quantile is higher "
+        "gets that as its threshold, applied as context_factor = threshold / its own on its scores",
         signature="log singular values of the (voxels × channels) feature matrix / sqrt(voxels), "
         "L2-normalised per layer, concatenated",
         scoring="d = (distance to the nearest training signature of the recognised context) / (that "

@@ -81,12 +81,15 @@ def fit_detector(
     alpha: float = TARGET_FALSE_ALARMS,
     conditioning: str = "recognised",
     with_confidence: bool = True,
+    per_context: bool = True,
 ) -> tuple[SpectralDetector, np.ndarray]:
     """(detector, leave-one-patient-out score of every fit record) from clean fit records.
 
     ``conditioning="recognised"`` scores against the recognised context's signatures only;
     ``with_confidence`` combines that distance with the context head's confidence (records without
-    context probabilities, e.g. a head-less bundle, leave the spectral score alone)."""
+    context probabilities, e.g. a head-less bundle, leave the spectral score alone). ``per_context`` gives a
+    context whose own leave-one-out scores run above the global threshold a threshold of its own (as
+    ``context_factor``), so its in-distribution cases are not flagged more often than the others'."""
     sig = signature_rows(fit_recs, layers)
     ctx = np.asarray([r["context"] for r in fit_recs])
     groups = np.asarray([case_of(r) for r in fit_recs])
@@ -118,6 +121,16 @@ def fit_detector(
         }
     loo = np.asarray([det.combined(x, c) for x, (_, c) in zip(distance, heads)])
     det.threshold = conformal_quantile(loo[np.isfinite(loo)], alpha)
+    if per_context and math.isfinite(det.threshold) and det.threshold > 0:
+        # a context whose own cases score higher gets its own (higher) threshold, as a factor on its scores
+        recognised = np.asarray([-1 if h is None else h for h, _ in heads])
+        factor = np.ones(len(context_names))
+        for k in range(len(context_names)):
+            mine = loo[(recognised == k) & np.isfinite(loo)]
+            if len(mine):
+                factor[k] = det.threshold / max(det.threshold, conformal_quantile(mine, alpha))
+        det.context_factor = factor
+        loo = np.asarray([det.combined(x, c, h) for x, (h, c) in zip(distance, heads)])
     det.signatures = sig.astype(np.float32)
     return det, loo
 
@@ -130,7 +143,7 @@ def loo_scores(det: SpectralDetector, recs: Sequence[dict]) -> np.ndarray:
     for s, r in zip(sig, recs):
         context, confidence = record_context(r)
         distance, _ = det.spectral_distance(s, context, exclude=patients == patient_of(r))
-        out.append(det.combined(distance, confidence))
+        out.append(det.combined(distance, confidence, context))
     return np.asarray(out)
 
 

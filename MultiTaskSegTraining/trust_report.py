@@ -156,10 +156,11 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
             "layers": det.layers,
             "threshold": det.threshold,
             "context_scale": det.context_scale,
+            "context_factor": det.context_factor,
             "name": det.name,
             "combination": det.combination,
             "rule": "recognised-context kNN combined with the context head's confidence, conformal 95 % of "
-            "leave-one-patient-out fit scores",
+            "leave-one-patient-out fit scores (per context where a context's own is higher)",
         },
         "quality_model": quality.to_dict(),
         "layer_selection": tables_selection,

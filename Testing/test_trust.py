@@ -252,3 +252,37 @@ def test_a_cached_record_of_an_older_format_is_made_again(tmp_path):
     assert cached_record(path, make)["dice"] == {"1": 0.5} and cached_record(path, make) and len(made) == 1
     path.write_text(json.dumps({"dice": {"1": 0.9}}))  # format 1: no version, Dice without post-processing
     assert cached_record(path, make)["dice"] == {"1": 0.5} and len(made) == 2
+
+
+def _with_head(recs: list[dict], confidence: np.ndarray, n_contexts: int) -> list[dict]:
+    """The records as the network saw them: recognised their own context with this confidence."""
+    for r, c in zip(recs, confidence):
+        probs = np.full(n_contexts, (1.0 - c) / (n_contexts - 1))
+        probs[r["context"]] = c
+        r["recognised"], r["context_probs"] = r["context"], probs.tolist()
+    return recs
+
+
+def test_a_small_less_confident_context_gets_its_own_threshold():
+    """Few cases and a less sure context head make a context's in-distribution scores run high under one
+    global threshold; its own leave-one-out quantile brings its false alarms back near the target."""
+    rng = np.random.default_rng(3)
+    big = _records(rng.normal(size=(300, 6)), 0, "a")
+    small = _records(5.0 + rng.normal(size=(12, 6)), 1, "b")
+    recs = _with_head(big, 1 - 0.01 * np.exp(0.3 * rng.normal(size=300)), 2)
+    recs += _with_head(small, 1 - 0.05 * np.exp(0.3 * rng.normal(size=12)), 2)
+
+    def false_alarms(det) -> float:
+        fresh = 5.0 + rng.normal(size=(400, 6))
+        conf = 1 - 0.05 * np.exp(0.3 * rng.normal(size=400))
+        return float(np.mean([det.score(x, 1, c).is_ood for x, c in zip(fresh, conf)]))
+
+    shared, _ = fit_detector(recs, ["enc0"], ["A", "B"], alpha=0.05, per_context=False)
+    own, loo = fit_detector(recs, ["enc0"], ["A", "B"], alpha=0.05)
+    assert own.context_factor is not None and own.context_factor[1] < 1.0 == own.context_factor[0]
+    fa_shared, fa_own = false_alarms(shared), false_alarms(own)
+    assert fa_shared > 0.3  # one threshold: most of the small context's new cases flagged
+    assert fa_own < 0.15
+    assert np.mean(loo[300:] > own.threshold) <= 0.1  # its own fit cases, left out one at a time
+    # an outlier recognised as the small context is still caught
+    assert own.score(np.full(6, 12.0), 1, 0.95).is_ood

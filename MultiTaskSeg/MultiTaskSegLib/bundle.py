@@ -110,6 +110,14 @@ class Bundle:
                     f"{self.path}: ood.combination must be {{'spectral': [median, spread], 'confidence': "
                     f"[median, spread]}} with spreads > 0, got {ood.combination!r}; re-run mtseg finalise"
                 )
+        factor = ood.context_factor
+        if factor is not None and not (
+            len(factor) == len(self.context_names) and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in factor)
+        ):
+            raise BundleError(
+                f"{self.path}: ood.context_factor must hold one number in (0, 1] per context "
+                f"({len(self.context_names)}), got {factor!r}; re-run mtseg finalise"
+            )
         if (ood.conditioning or "any") not in ("any", "recognised"):
             raise BundleError(f"{self.path}: ood.conditioning must be 'any' or 'recognised', not {ood.conditioning!r}")
         with np.load(self.path / SIGNATURES_FILE, allow_pickle=False) as data:
@@ -125,6 +133,7 @@ class Bundle:
                 context_scale=None if scale is None else np.asarray(scale, dtype=np.float64),
                 conditioning=ood.conditioning or "any",
                 combination=ood.combination,
+                context_factor=None if ood.context_factor is None else np.asarray(ood.context_factor, np.float64),
             )
 
     def quality_model(self) -> QualityModel | None:

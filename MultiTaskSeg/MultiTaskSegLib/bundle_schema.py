@@ -79,6 +79,7 @@ class OodBlock(Block):
     context_scale: Optional[list] = None  # per-context kNN scales (absent: plain nearest neighbour)
     conditioning: Optional[str] = None  # "recognised": scored against the recognised context only (absent: any)
     combination: Optional[dict] = None  # {"spectral": [log median, spread], "confidence": [...]} (ood.py)
+    context_factor: Optional[list] = None  # per-context score factor ≤ 1: a context's own threshold (ood.py)
     threshold_rule: Optional[str] = None
     signature: Optional[str] = None
     scoring: Optional[str] = None

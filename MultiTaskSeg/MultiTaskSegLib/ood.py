@@ -135,6 +135,11 @@ class SpectralDetector:
     # log-scale (median, spread) of the fit cases' spectral scores and of 1 − context confidence: with it the
     # score is exp(mean of the two z-scores), 1 for a typical training case (None = the spectral score alone)
     combination: dict | None = None
+    # (K,) per-context factor on the score: the global threshold over that context's own conformal threshold of
+    # its leave-one-patient-out fit scores, where that is higher (≤ 1). A context with few training cases has
+    # larger nearest-neighbour distances and a less confident head, so its in-distribution cases score higher
+    # (None = one threshold for every context)
+    context_factor: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -170,21 +175,25 @@ class SpectralDetector:
                 return self.nearest(signature, mask)
         return self.nearest(signature, exclude)
 
-    def combined(self, distance: float, confidence: float | None) -> float:
-        """The score from the spectral distance and the context head's confidence (see ``combination``)."""
+    def combined(self, distance: float, confidence: float | None, context: int | None = None) -> float:
+        """The score from the spectral distance and the context head's confidence (see ``combination``),
+        times the recognised ``context``'s factor (see ``context_factor``)."""
+        factor = 1.0
+        if self.context_factor is not None and context is not None:
+            factor = float(self.context_factor[context])
         if self.combination is None:
-            return distance
+            return distance * factor
         med, spread = self.combination["spectral"]
         z = [(math.log(max(distance, EPS)) - med) / spread]
         if confidence is not None:  # no context head: the spectral z alone
             med, spread = self.combination["confidence"]
             z.append((math.log(max(1.0 - confidence, EPS)) - med) / spread)
-        return math.exp(sum(z) / len(z))
+        return math.exp(sum(z) / len(z)) * factor
 
     def score(self, signature: np.ndarray, context: int | None = None, confidence: float | None = None) -> OODResult:
         """``context``: the recognised context's index; ``confidence``: the context head's probability for it."""
         distance, i = self.spectral_distance(signature, context)
-        score = self.combined(distance, confidence)
+        score = self.combined(distance, confidence, context)
         return OODResult(
             score,
             self.threshold,
