@@ -229,9 +229,15 @@ class TrainingRun:
             try:
                 loss = training_step(net, *step_args)
             except Exception as exc:  # noqa: BLE001  compilation happens on the first call; it may fail
-                if net is self.model or not _is_compile_error(exc):
+                # for reasons of the compiler stack, not of training (no C++ compiler, an ASCII locale that
+                # a library set in this process): retry eager, which raises again if training itself failed
+                if net is self.model:
                     raise
-                log.warning("torch.compile failed (%s); training without it", str(exc).splitlines()[0][:200])
+                log.warning(
+                    "torch.compile failed (%s: %s); training without it",
+                    type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0][:200],
+                )
                 net = self.model
                 self.opt.zero_grad(set_to_none=True)
                 loss = training_step(net, *step_args)
@@ -273,11 +279,6 @@ def compiled(net: torch.nn.Module) -> torch.nn.Module:
     minute of compilation on the first step. Parameters stay shared with the eager module, so validation,
     checkpoints and the bundle use the eager one."""
     return cast(torch.nn.Module, torch.compile(net, dynamic=False))
-
-
-def _is_compile_error(exc: Exception) -> bool:
-    """Errors of the compiler stack (no C++ compiler, an unsupported platform), not of the training itself."""
-    return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")) or "inductor" in str(exc).lower()
 
 
 def _progress_bar(total: int, initial: int):
