@@ -234,9 +234,10 @@ class TrainingRun:
                 if net is self.model:
                     raise
                 log.warning(
-                    "torch.compile failed (%s: %s); training without it",
+                    "torch.compile failed (%s: %s); training without it%s",
                     type(exc).__name__,
                     (str(exc).splitlines() or [""])[0][:200],
+                    " (an ASCII locale: run with PYTHONUTF8=1 to compile)" if isinstance(exc, UnicodeError) else "",
                 )
                 net = self.model
                 self.opt.zero_grad(set_to_none=True)

@@ -243,11 +243,12 @@ def test_compiled_training_writes_the_same_kind_of_bundle(datasets, tmp_path):
         str(tmp_path / "c"),
     ]
     # a process of its own, as `mtseg train` runs: libraries imported by other tests (VTK) may have set the
-    # C locale in this one, and the compiler stack then fails on non-ASCII files (training falls back to eager)
+    # C locale in this one, and the compiler stack then fails on non-ASCII files (training falls back to
+    # eager); UTF-8 mode as a user with an ASCII locale is told to use
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "MultiTaskSeg"), str(root)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "MultiTaskSeg"), str(root)]), "PYTHONUTF8": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "MultiTaskSegTraining.cli", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "MultiTaskSegTraining.cli", *args], capture_output=True, encoding="utf-8", env=env
     )
     assert run.returncode == 0, run.stderr[-2000:]
     log = (work / "train.log").read_text(encoding="utf-8")
