@@ -83,7 +83,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from MultiTaskSegLib.inference import allow_malloc_tuning
+    from MultiTaskSegLib.process_memory import allow_malloc_tuning
 
     allow_malloc_tuning()  # this process is ours alone (inside Slicer the core leaves malloc as it is)
     try:

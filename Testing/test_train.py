@@ -18,7 +18,7 @@ from MultiTaskSegTraining.cli import main
 from MultiTaskSegTraining.data import load_dataset, split_cases
 from MultiTaskSegTraining.losses import partial_label_loss
 from phantoms import make_msd_dataset
-from train_helpers import phantom_datasets, rename_cases, tiny_config
+from train_helpers import phantom_datasets, rename_cases, tiny_config, train_args
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +91,7 @@ def test_acdc_frames_of_one_patient_share_a_split(tmp_path):
 def test_resume_continues_from_the_checkpoint(datasets, tmp_path):
     config = tiny_config(tmp_path / "c.json", datasets, steps=4, checkpoint_every=2, signature_augmentations=0)
     out, work = tmp_path / "b", tmp_path / "w"
-    common = [
-        "train",
-        "--config",
-        str(config),
-        "-o",
-        str(out),
-        "--work-dir",
-        str(work),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    common = train_args(config, out, work, tmp_path / "cache")
     assert main(common) == 0
     first = torch.load(work / "checkpoint.pt", weights_only=True)
     assert first["step"] == 4
@@ -231,17 +221,7 @@ def test_compiled_training_writes_the_same_kind_of_bundle(datasets, tmp_path):
         tmp_path / "c.json", datasets, steps=3, checkpoint_every=3, compile=True, channels_last=True, trust_fit_cases=0
     )
     out, work = tmp_path / "b", tmp_path / "w"
-    args = [
-        "train",
-        "--config",
-        str(config),
-        "-o",
-        str(out),
-        "--work-dir",
-        str(work),
-        "--cache-dir",
-        str(tmp_path / "c"),
-    ]
+    args = train_args(config, out, work, tmp_path / "c")
     # a process of its own, as `mtseg train` runs: libraries imported by other tests (VTK) may have set the
     # C locale in this one, and the compiler stack then fails on non-ASCII files (training falls back to
     # eager); UTF-8 mode as a user with an ASCII locale is told to use

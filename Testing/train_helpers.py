@@ -45,3 +45,8 @@ def tiny_config(path: Path, data: list[Path], **extra) -> Path:
     }
     path.write_text(json.dumps(config), encoding="utf-8")
     return path
+
+
+def train_args(config: Path, out: Path, work: Path, cache: Path) -> list[str]:
+    """`mtseg train` arguments for a config, an output bundle, a work dir and a cache dir."""
+    return ["train", "--config", str(config), "-o", str(out), "--work-dir", str(work), "--cache-dir", str(cache)]

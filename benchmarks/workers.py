@@ -268,7 +268,7 @@ def worker_main(spec_path: str) -> int:
         result["peak_rss_mb"] = _peak_rss_mb()
         result["agreement"] = segmentation_agreement(spec["ours_seg"], result["seg_path"], spec.get("keep"))
     else:
-        from MultiTaskSegLib.inference import allow_malloc_tuning
+        from MultiTaskSegLib.process_memory import allow_malloc_tuning
 
         allow_malloc_tuning()  # as `mtseg predict` runs (its process is its own)
         result = run_case_worker(spec)

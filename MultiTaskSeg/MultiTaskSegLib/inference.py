@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CancelledError  # noqa: F401  (re-exported for callers of progress callbacks)
-from .process_memory import allow_malloc_tuning, reuse_freed_memory  # noqa: F401  (allow_malloc_tuning re-exported)
+from .process_memory import reuse_freed_memory
 
 if TYPE_CHECKING:
     from .network import NetworkConfig

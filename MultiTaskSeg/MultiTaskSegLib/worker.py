@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .inference import allow_malloc_tuning
+    from .process_memory import allow_malloc_tuning
 
     allow_malloc_tuning()  # the child process is ours alone: the heap tuning cannot reach Slicer from here
     sys.exit(main())
