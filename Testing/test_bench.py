@@ -54,8 +54,8 @@ def test_bench_smoke(tmp_path, untrained_bundle):
             "uncertainty",
             "resample",
             "resample_uncertainty",
-            "write_seg",
-            "write_uncertainty",
+            "summary",
+            "write",
             "total",
         } <= set(stages)
         assert case["peak_rss_mb"] > 0 and case["n_windows"] >= 1

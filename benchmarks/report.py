@@ -150,8 +150,9 @@ def render_markdown(report: dict) -> str:
         "`probabilities` is the temperature softmax the labels need; `uncertainty` is MC dropout when "
         "asked for, the context merge and the entropy on the canonical grid; `resample_uncertainty` maps the "
         "uncertainty to the input grid (inside `resample`). Uncertainty share = uncertainty + "
-        "resample_uncertainty; OOD share = ood + ood_gram; writing the uncertainty file is reported "
-        "separately (`write_uncertainty`).",
+        "resample_uncertainty; OOD share = ood + ood_gram; `summary` is the report's volumes and mean "
+        "uncertainties and the two images on the input grid; `write` is `mtseg predict`'s writer (the "
+        "segmentation and the uint8 uncertainty file at once, then the JSON report).",
         "",
     ]
     tr = report.get("training")

@@ -39,7 +39,6 @@ def summarise(case: dict) -> dict:
         "uncertainty_share": unc / total,
         "ood_share": ood / total,
         "uncertainty_ood_share": (unc + ood) / total,
-        "uncertainty_write_share": med.get("write_uncertainty", 0.0) / total,
         "peak_rss_mb": case["peak_rss_mb"],
         "repeats": len(runs),
         "threads": case["threads"],

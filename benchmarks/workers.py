@@ -21,32 +21,32 @@ def _peak_rss_mb() -> float:
 
 
 def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object, str]:
-    """End-to-end ``predict`` as `mtseg predict` runs it (read, predict, write), ``repeats`` times."""
+    """End-to-end ``predict`` as `mtseg predict` runs it (read, predict, write), ``repeats`` times:
+    the same calls, the heap kept over all three (``reuse_freed_memory``), the two files written at once."""
+    from MultiTaskSegLib.outputs import output_paths, save_prediction
     from MultiTaskSegLib.predictor import PredictOptions
-    from MultiTaskSegLib.volume_io import read_volume, write_fraction_map, write_volume
+    from MultiTaskSegLib.process_memory import reuse_freed_memory
+    from MultiTaskSegLib.volume_io import read_volume
 
     runs, image, modality = [], None, ""
+    paths = output_paths(out, "case")
     for _ in range(spec["repeats"]):
         image = None
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()
-        image = read_volume(spec["path"])
-        t_load = time.perf_counter() - t0
-        prediction = predictor.predict(image, PredictOptions(device=spec["device"]))
-        t = time.perf_counter()
-        write_volume(prediction.labels, out / "seg.nii.gz")
-        t_seg = time.perf_counter() - t
-        t = time.perf_counter()
-        write_fraction_map(prediction.uncertainty, out / "uncertainty.nii.gz")
-        t_unc = time.perf_counter() - t
-        (out / "report.json").write_text(json.dumps(prediction.report(), indent=2), encoding="utf-8")
+        with reuse_freed_memory():
+            image = read_volume(spec["path"])
+            t_load = time.perf_counter() - t0
+            prediction = predictor.predict(image, PredictOptions(device=spec["device"]))
+            t = time.perf_counter()
+            save_prediction(prediction, paths)
+            t_write = time.perf_counter() - t
         total = time.perf_counter() - t0
         runs.append(
             {
                 "load": t_load,
                 **{k: float(v) for k, v in prediction.timings_s.items() if k != "total"},
-                "write_seg": t_seg,
-                "write_uncertainty": t_unc,
+                "write": t_write,
                 "total": total,
                 "cpu_total": time.process_time() - c0,
             }
@@ -134,6 +134,7 @@ def run_case_worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     from MultiTaskSegLib.bundle import load_bundle
+    from MultiTaskSegLib.outputs import output_paths
     from MultiTaskSegLib.predictor import Predictor
     from MultiTaskSegLib.preprocessing import preprocess
 
@@ -144,12 +145,12 @@ def run_case_worker(spec: dict) -> dict:
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     runs, image, result["modality"] = _time_predict(spec, predictor, out)
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    report = json.loads(output_paths(out, "case")["report"].read_text(encoding="utf-8"))
     if bundle.meta.get("inference", {}).get("restrict_to_context"):  # the peer is compared on the same labels
         result["context_labels"] = [
             int(v) for v in bundle.contexts[bundle.context_names.index(report["context"])]["labels"]
         ]
-    result["seg_path"] = str(out / "seg.nii.gz")
+    result["seg_path"] = str(output_paths(out, "case")["seg"])
     result["input_size"] = list(image.GetSize())
     result["input_spacing"] = [round(s, 3) for s in image.GetSpacing()]
     result["e2e_runs"] = runs

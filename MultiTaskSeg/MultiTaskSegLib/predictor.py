@@ -267,12 +267,14 @@ class Predictor:
         self.postprocess(labels)
         timings["postprocess"] = time.perf_counter() - t
 
+        t = time.perf_counter()  # the report's volumes and means, and the two images on the input grid
         spacing = np.prod(image.GetSpacing()) / 1000.0
         names = self.bundle.label_names
         counts, sums = label_sums(labels, uncertainty, max(names) + 1)
         volumes = {names[v]: float(counts[v] * spacing) for v in sorted(names)}
         per_label = {names[v]: float(sums[v] / counts[v]) for v in sorted(names) if counts[v]}
         label_image, unc_image = array_to_image(labels, image), array_to_image(uncertainty, image)
+        timings["summary"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         report("done", 1.0)
         return Prediction(
@@ -282,7 +284,7 @@ class Predictor:
             self.bundle.context_names[context_index],
             names,
             volumes,
-            float(uncertainty.mean()),
+            float(sums.sum() / max(counts.sum(), 1)),
             per_label,
             pre.modality,
             str(self.device),
@@ -324,16 +326,26 @@ class Predictor:
 
 
 def label_sums(labels: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel count and float64 sum of ``values`` per label 0 … n - 1, in 1 M-voxel chunks: np.bincount
-    of the whole array would copy the labels to int64 first (a 512×512×300 CT: 630 MB of fresh
-    pages, 0.4–2.6 s under load, then 0.4 s of per-label masks for the means). numpy, not torch:
-    hundreds of small parallel ops stall on a busy machine."""
+    """Voxel count and float64 sum of ``values`` per label 0 … n - 1, in 1 M-voxel chunks.
+
+    Background is most of a scan: each chunk's bincounts run over its labelled voxels only, and the
+    background gets the rest (chunk total minus the labelled sums). A 512×512×300 CT: 0.4 s instead
+    of 1.1 s for bincounts of every voxel (np.bincount of the whole array would also copy it to int64
+    first). numpy, not torch: hundreds of small parallel ops stall on a busy machine."""
     flat, weights = labels.reshape(-1), values.reshape(-1)
     counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
     for i in range(0, flat.size, 1 << 20):
-        part = flat[i : i + (1 << 20)]
-        counts += np.bincount(part, minlength=n)[:n]
-        sums += np.bincount(part, weights=weights[i : i + (1 << 20)], minlength=n)[:n]
+        part, w = flat[i : i + (1 << 20)], weights[i : i + (1 << 20)]
+        rest = float(w.sum(dtype=np.float64))
+        labelled = np.flatnonzero(part)
+        if labelled.size:
+            part_counts = np.bincount(part[labelled], minlength=n)[:n]
+            part_sums = np.bincount(part[labelled], weights=w[labelled], minlength=n)[:n]
+            counts += part_counts
+            sums += part_sums
+            rest -= float(part_sums.sum())
+        counts[0] += part.size - labelled.size
+        sums[0] += rest
     return counts, sums
 
 
