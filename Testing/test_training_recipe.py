@@ -95,6 +95,25 @@ def test_largest_component_is_kept_wherever_it_lies_and_other_labels_stay():
     assert (out[1, 1, 0:3] == 1).all() and (out[1, 1, 5:8] == 0).all()
 
 
+def test_largest_component_gives_the_same_labels_with_cc3d_and_with_scipys_fallback(monkeypatch):
+    """cc3d labels the components where it is installed, ndimage.label where not (Slicer's Python):
+    the same pieces in the same order, so the same output, ties included, on blobby random labels."""
+    from scipy import ndimage
+
+    import MultiTaskSegLib.postprocessing as post
+
+    assert post.cc3d is not None  # installed with the package: the fast path is the one tested first
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.random((40, 50, 60)), 1.5)
+    labels = np.digitize(noise, np.quantile(noise, [0.6, 0.8, 0.95])).astype(np.uint8)  # 0 … 3 in many pieces
+    labels[:3] = 0  # a background margin: the search box is smaller than the array
+    fast = keep_largest_component(labels.copy(), [1, 2, 3])
+    monkeypatch.setattr(post, "cc3d", None)
+    slow = keep_largest_component(labels.copy(), [1, 2, 3])
+    assert (fast != labels).any()  # pieces were removed
+    np.testing.assert_array_equal(fast, slow)
+
+
 def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
     for schedule in ("cosine", "poly"):
         config = TrainConfig(lr=1e-2, steps=100, warmup_steps=10, lr_schedule=schedule)
