@@ -26,6 +26,7 @@ MODES = {  # (bf16, channels-last, compile)
     "fp32 channels-last": (False, True, False),
     "bf16 channels-last": (True, True, False),
     "fp32 channels-last compiled": (False, True, True),
+    "bf16 channels-last compiled": (True, True, True),
 }
 
 

@@ -27,6 +27,7 @@ the boxes are. Nothing is done per voxel outside the mixed cells and no voxel po
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -227,8 +228,9 @@ def labels_on_axis_grid(
     already), the voxels of cells labelled ``MIXED`` the argmax of the resampled ``probs`` (C, d, h, w)
     through ``lut`` (the restriction to ``allowed``). ``argmax``: the canonical argmax (d, h, w).
     ``cells`` is changed in place."""
+    workers = torch.get_num_threads()  # the caller's CPU budget: chunks in as many Python threads instead
     with _one_thread():
-        return _labels(probs.contiguous(), argmax, cells, maps, lut, allowed)  # contiguous: flat indices
+        return _labels(probs.contiguous(), argmax, cells, maps, lut, allowed, workers)  # contiguous: flat indices
 
 
 def _labels(
@@ -238,17 +240,21 @@ def _labels(
     maps: Sequence[AxisMap],
     lut: torch.Tensor,
     allowed: Sequence[int] | None,
+    workers: int,
 ) -> np.ndarray:
     result = np.empty([len(m.low) for m in maps], np.uint8)
     out = torch.from_numpy(result)
     mixed = _Cells(cells, maps, out.shape)
-    results: _Results = []
-    rest = [_pairs(probs, argmax, mixed, ids, lut, results) for ids in _chunks(torch.arange(len(mixed)))]
-    if allowed is not None:
-        wanted = [c for c in allowed if 0 < c < probs.shape[0]]
-        rest = [_hopeful(probs, mixed, ids, wanted, results) for ids in _chunks(torch.cat(rest))]
-    for ids in _chunks(torch.cat(rest)):
-        _all_classes(probs, mixed, ids, lut, results)
+    results: _Results = []  # list.append is atomic: the workers share it
+    # chunks on the caller's cores, each in one Python thread with single-threaded ops (torch releases the
+    # GIL): the CT phantom's cells 1.49 → 1.03 s wall on 2 cores, the same CPU time
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        all_cells = _chunks(torch.arange(len(mixed)))
+        rest = list(pool.map(lambda ids: _pairs(probs, argmax, mixed, ids, lut, results), all_cells))
+        if allowed is not None:
+            wanted = [c for c in allowed if 0 < c < probs.shape[0]]
+            rest = list(pool.map(lambda ids: _hopeful(probs, mixed, ids, wanted, results), _chunks(torch.cat(rest))))
+        list(pool.map(lambda ids: _all_classes(probs, mixed, ids, lut, results), _chunks(torch.cat(rest))))
     pending = []
     for ids, labels in results:  # a box with one label: the cell gets it, the gather below writes it
         if labels.dim() <= 1 or not len(ids):
