@@ -309,16 +309,25 @@ def test_real_subprocess_run(untrained_bundle, ct_file, tmp_path):
     check_outputs(tmp_path / "out", "ct_case", ct_file[1], untrained_bundle)
 
 
-def test_label_sums_equal_bincount_and_masked_means_across_chunks():
-    """The report's volumes and per-label mean uncertainty come from chunked torch bincounts (1 M voxels a
-    chunk): the same counts as np.bincount, the same means as the masked float means, across chunk edges."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_label_sums_equal_bincount_and_masked_means_across_chunks(threads):
+    """The report's volumes and per-label mean uncertainty come from chunked bincounts of the labelled voxels
+    (1 M voxels a chunk, the chunks split among torch's threads): the same counts as np.bincount, the same
+    means as the masked float means, across chunk and thread edges."""
+    import torch
+
     from MultiTaskSegLib.predictor import label_sums
 
     rng = np.random.default_rng(4)
-    labels = rng.integers(0, 5, (3, 700, 600), dtype=np.uint8)  # 1.26 M voxels: two chunks
+    labels = rng.integers(0, 5, (3, 1000, 800), dtype=np.uint8)  # 2.4 M voxels: three chunks
     labels[:, :100] = 0
     values = rng.random(labels.shape, dtype=np.float32)
-    counts, sums = label_sums(labels, values, 7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        counts, sums = label_sums(labels, values, 7)
+    finally:
+        torch.set_num_threads(before)
     np.testing.assert_array_equal(counts, np.bincount(labels.ravel(), minlength=7))
     for v in range(5):
         assert sums[v] / counts[v] == pytest.approx(float(values[labels == v].astype(np.float64).mean()), rel=1e-9)

@@ -345,16 +345,31 @@ class Predictor:
 
 
 def label_sums(labels: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel count and float64 sum of ``values`` per label 0 … n - 1, in 1 M-voxel chunks.
+    """Voxel count and float64 sum of ``values`` per label 0 … n - 1.
 
-    Background is most of a scan: each chunk's bincounts run over its labelled voxels only, and the
-    background gets the rest (chunk total minus the labelled sums). A 512×512×300 CT: 0.4 s instead
-    of 1.1 s for bincounts of every voxel (np.bincount of the whole array would also copy it to int64
-    first). numpy, not torch: hundreds of small parallel ops stall on a busy machine."""
+    Background is most of a scan: each 1 M-voxel chunk's bincounts run over its labelled voxels only,
+    and the background gets the rest (chunk total minus the labelled sums); the chunks are split among
+    the caller's torch threads (numpy releases the GIL). A 512×512×300 CT: 0.2 s on 2 cores, against
+    1.1 s for bincounts of every voxel (np.bincount of the whole array would also copy it to int64 first)."""
     flat, weights = labels.reshape(-1), values.reshape(-1)
+    chunks = -(-flat.size // _SUM_CHUNK)
+    workers = max(1, min(torch.get_num_threads(), chunks))
+    if workers == 1:
+        return _label_sums(flat, weights, n)
+    step = -(-chunks // workers) * _SUM_CHUNK
+    parts = [slice(i, i + step) for i in range(0, flat.size, step)]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        results = list(pool.map(lambda part: _label_sums(flat[part], weights[part], n), parts))
+    return np.sum([r[0] for r in results], axis=0), np.sum([r[1] for r in results], axis=0)
+
+
+_SUM_CHUNK = 1 << 20
+
+
+def _label_sums(flat: np.ndarray, weights: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
-    for i in range(0, flat.size, 1 << 20):
-        part, w = flat[i : i + (1 << 20)], weights[i : i + (1 << 20)]
+    for i in range(0, flat.size, _SUM_CHUNK):
+        part, w = flat[i : i + _SUM_CHUNK], weights[i : i + _SUM_CHUNK]
         rest = float(w.sum(dtype=np.float64))
         labelled = np.flatnonzero(part)
         if labelled.size:
