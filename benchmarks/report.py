@@ -149,12 +149,10 @@ def render_markdown(report: dict) -> str:
         "(`ood_gram`, also listed on its own); `ood` is the spectrum and nearest-neighbour score; "
         "`probabilities` is the temperature softmax the labels need; `uncertainty` is MC dropout when "
         "asked for, the context merge and the entropy on the canonical grid; `resample_uncertainty` maps the "
-        "uncertainty to the input grid (inside `resample`, which also covers the largest-component "
-        "post-processing and the two output images, made in a second thread beside the uncertainty's mapping: "
-        "`postprocess` is that thread's own time, overlapped, not added). Uncertainty share = uncertainty + "
+        "uncertainty to the input grid (inside `resample`). Uncertainty share = uncertainty + "
         "resample_uncertainty; OOD share = ood + ood_gram; `summary` is the report's volumes and mean "
-        "uncertainties; `write` is `mtseg predict`'s writer (the segmentation and the uint8 uncertainty file "
-        "at once, then the JSON report).",
+        "uncertainties and the two images on the input grid; `write` is `mtseg predict`'s writer (the "
+        "segmentation and the uint8 uncertainty file at once, then the JSON report).",
         "",
     ]
     tr = report.get("training")
