@@ -132,7 +132,8 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
         plot(data, ROOT / "docs" / "figures" / "arms_validation.png")
         out += [
             "Validation Dice during training (`python scripts/arms_curves.py`; each arm's validation cases, "
-            f"every {cfg['validate_every']} steps):",
+            f"every {cfg['validate_every']} steps; an arm whose last point is below {cfg['steps']} is still "
+            "training):",
             "",
             "![validation curves of the arms](figures/arms_validation.png)",
             "",
