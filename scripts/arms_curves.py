@@ -64,7 +64,7 @@ def plot(data: dict, out: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=kind)
         ax.set_title(ctx)
         ax.set_xlabel("step (batch 2)")
-        ax.set_ylabel("validation Dice (mean of the context's structures)")
+        ax.set_ylabel("validation Dice\n(mean of the context's structures)", fontsize=8)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
