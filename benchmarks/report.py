@@ -208,7 +208,10 @@ def render_markdown(report: dict) -> str:
             "network and weights on PyTorch's standard layers, with the same window, overlap, window placement "
             f"and Gaussian weight map. Both run the same number of windows ({', '.join(str(c['n_windows']) for c in comp)} "
             "here); the OOD Gram accumulation, our only extra work, is "
-            f"{100 * max(overhead, default=0):.1f} % of our inference at most.",
+            f"{100 * max(overhead, default=0):.1f} % of our inference at most. Every variant runs once "
+            "untimed before the timed repeats (the first call of PyTorch's layers in a process builds their "
+            "oneDNN primitives: ~2.5 s for MONAI's first window, which runs before this warm-up inflated "
+            "MONAI's times, most on one-window volumes).",
             "- Our speed-up is the product of the two factors in the table above: inference kernels that do the "
             "same fp32 arithmetic with less memory traffic, and a sliding window that keeps freed activations "
             "in the heap while the windows run (no page faults on fresh memory for every window) and runs a "

@@ -57,7 +57,13 @@ def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object,
 
 
 def _interleaved(variants: list[tuple], repeats: int) -> tuple[dict, dict, dict]:
-    """Wall and CPU seconds of each variant, alternating who goes first so all see the same load."""
+    """Wall and CPU seconds of each variant, alternating who goes first so all see the same load.
+
+    Each variant runs once untimed first: the first call of PyTorch's standard layers in a process
+    creates their oneDNN primitives (MONAI's sliding window: ~2.5 s more on its first call, which
+    had doubled its median of two repeats on a one-window volume)."""
+    for _, fn in variants:
+        fn()
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     cpu: dict[str, list[float]] = {name: [] for name, _ in variants}
     values: dict = {}
