@@ -20,16 +20,15 @@ def _peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
-def _time_predict(spec: dict, predictor, out: Path) -> tuple[list[dict], object, str]:
+def _time_predict(spec: dict, predictor, paths: dict[str, Path]) -> tuple[list[dict], object, str]:
     """End-to-end ``predict`` as `mtseg predict` runs it (read, predict, write), ``repeats`` times:
     the same calls, the heap kept over all three (``reuse_freed_memory``), the two files written at once."""
-    from MultiTaskSegLib.outputs import output_paths, save_prediction
+    from MultiTaskSegLib.outputs import save_prediction
     from MultiTaskSegLib.predictor import PredictOptions
     from MultiTaskSegLib.process_memory import reuse_freed_memory
     from MultiTaskSegLib.volume_io import read_volume
 
     runs, image, modality = [], None, ""
-    paths = output_paths(out, "case")
     for _ in range(spec["repeats"]):
         image = None
         gc.collect()
@@ -150,13 +149,14 @@ def run_case_worker(spec: dict) -> dict:
     device = predictor.device
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    runs, image, result["modality"] = _time_predict(spec, predictor, out)
-    report = json.loads(output_paths(out, "case")["report"].read_text(encoding="utf-8"))
+    paths = output_paths(out, "case")
+    runs, image, result["modality"] = _time_predict(spec, predictor, paths)
+    report = json.loads(paths["report"].read_text(encoding="utf-8"))
     if bundle.meta.get("inference", {}).get("restrict_to_context"):  # the peer is compared on the same labels
         result["context_labels"] = [
             int(v) for v in bundle.contexts[bundle.context_names.index(report["context"])]["labels"]
         ]
-    result["seg_path"] = str(output_paths(out, "case")["seg"])
+    result["seg_path"] = str(paths["seg"])
     result["input_size"] = list(image.GetSize())
     result["input_spacing"] = [round(s, 3) for s in image.GetSpacing()]
     result["e2e_runs"] = runs
