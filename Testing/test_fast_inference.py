@@ -154,3 +154,21 @@ def test_fast_path_only_for_a_prepared_model_in_plain_cpu_inference():
             assert not fast.use_fast_path(x, model)
         assert fast.use_fast_path(x, model)
     assert not fast.use_fast_path(x, model)  # autograd on: training
+
+
+def test_single_window_convolutions_run_on_onednn_like_batched_ones():
+    """aten sends most batch-1 3D convolutions to its slow im2col kernel (a 2D rule); ``fast.conv`` calls
+    oneDNN itself, so one window gets the kernel two windows get, with the same values."""
+    if not fast._onednn_available():
+        pytest.skip("this torch build has no oneDNN: the standard layer is used")
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(16, 16, 3, padding=1, bias=False).to(memory_format=fast.CHANNELS_LAST)
+    x = fast.channels_last(torch.randn(1, 16, 16, 16, 16))
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            y = fast.conv(layer, x)
+        ref = layer(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    assert y.is_contiguous(memory_format=fast.CHANNELS_LAST)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

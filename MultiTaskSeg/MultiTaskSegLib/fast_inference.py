@@ -53,8 +53,24 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST)
 
 
+def _onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 def conv(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """A convolution whose output stays channels-last (with one input channel the layout is ambiguous)."""
+    """A convolution through oneDNN whose output stays channels-last (with one input channel the
+    layout is ambiguous).
+
+    Called directly: aten's dispatcher sends a batch-1 float convolution to its slow im2col kernel
+    when N·C·D·H ≤ 20480 and the kernel is ≤ 3 wide, a rule written for 2D images (N·C·H) that on a
+    64³ window catches the input layer and every layer from 32³ down. A single window (small
+    volumes, an odd last batch) then ran ~1.7× slower per window than two (benchmarks/BENCHMARKS.md).
+    """
+    if _onednn_available() and isinstance(layer.padding, tuple):
+        y = torch.ops.aten.mkldnn_convolution(
+            x, layer.weight, layer.bias, layer.padding, layer.stride, layer.dilation, layer.groups
+        )
+        return channels_last(y)
     return channels_last(layer(x))
 
 
