@@ -172,3 +172,18 @@ def test_single_window_convolutions_run_on_onednn_like_batched_ones():
     assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
     assert y.is_contiguous(memory_format=fast.CHANNELS_LAST)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_whose_onednn_refuses_falls_back_to_the_layer(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn_convolution: unsupported on this build")
+
+    monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", refuse)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setitem(fast._ONEDNN_FAILED, "failed", False)
+    layer = torch.nn.Conv3d(4, 4, 3, padding=1, bias=False)
+    x = fast.channels_last(torch.randn(1, 4, 8, 8, 8))
+    with torch.inference_mode():
+        y = fast.conv(layer, x)
+        torch.testing.assert_close(y, layer(x))
+    assert fast._ONEDNN_FAILED["failed"] and not fast._onednn_available()  # no second try per window

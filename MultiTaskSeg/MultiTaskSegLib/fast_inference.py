@@ -53,8 +53,11 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=CHANNELS_LAST)
 
 
+_ONEDNN_FAILED = {"failed": False}  # set when a build's oneDNN refused a 3D convolution: the layer from then on
+
+
 def _onednn_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) and not _ONEDNN_FAILED["failed"]
 
 
 def conv(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -67,10 +70,13 @@ def conv(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     volumes, an odd last batch) then ran ~1.7× slower per window than two (benchmarks/BENCHMARKS.md).
     """
     if _onednn_available() and isinstance(layer.padding, tuple):
-        y = torch.ops.aten.mkldnn_convolution(
-            x, layer.weight, layer.bias, layer.padding, layer.stride, layer.dilation, layer.groups
-        )
-        return channels_last(y)
+        try:
+            y = torch.ops.aten.mkldnn_convolution(
+                x, layer.weight, layer.bias, layer.padding, layer.stride, layer.dilation, layer.groups
+            )
+            return channels_last(y)
+        except (RuntimeError, NotImplementedError):  # a build whose oneDNN lacks this case: aten's own choice
+            _ONEDNN_FAILED["failed"] = True
     return channels_last(layer(x))
 
 
