@@ -188,6 +188,8 @@ class TrainingRun:
     def run_steps(self) -> None:
         """Train until the step count or the wall-clock budget is spent, with checkpoints and validation."""
         c, ddp, dev = self.config, self.ddp, self.device
+        memory_format = torch.channels_last_3d if c.channels_last else torch.contiguous_format
+        set_memory_format(self.model, memory_format)  # before DDP: its gradient buckets take the params' layout
         net: torch.nn.Module = self.model
         if ddp.world > 1:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -196,8 +198,6 @@ class TrainingRun:
         use_amp = dev.type == "cuda" or (dev.type == "cpu" and c.cpu_bf16)
         amp_dtype = torch.bfloat16 if dev.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-        memory_format = torch.channels_last_3d if c.channels_last else torch.contiguous_format
-        self.model.to(memory_format=memory_format)
         self.model.train()
         annotated = self.annotated
         bar = _progress_bar(c.steps, self.step) if ddp.main else None
@@ -272,6 +272,18 @@ class TrainingRun:
                 t_last = time.perf_counter()  # the patches/s report counts training only
         if bar is not None:
             bar.close()
+
+
+def set_memory_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """``model.to(memory_format=…)``, but 1×1×1 kernels keep plain strides (the same memory either way):
+    their gradients come out with plain strides, and DDP warns and copies every step when a gradient's
+    strides differ from its bucket's (the parameter's). (The input convolution's weight, one input
+    channel, is ambiguous too; its gradient follows the kernel aten picks, channels-last with oneDNN at
+    batch ≥ 2 as the recipe trains, so it keeps the channels-last strides.)"""
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]  # torch's stubs omit memory_format
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (1, 1, 1):
+            m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
 
 
 def compiled(net: torch.nn.Module) -> torch.nn.Module:
