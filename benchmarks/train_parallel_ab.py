@@ -52,7 +52,7 @@ def _timed(rank: int, world: int, batch: int, steps: int, compile_: bool, plain:
     from MultiTaskSegLib.network import ResidualUNet3D
     from MultiTaskSegTraining.config import TrainConfig
     from MultiTaskSegTraining.sampling import PatchSampler, augment
-    from MultiTaskSegTraining.train import compiled, training_step
+    from MultiTaskSegTraining.train import compiled, set_memory_format, training_step
 
     if world > 1:
         torch.set_num_threads(1)
@@ -64,7 +64,8 @@ def _timed(rank: int, world: int, batch: int, steps: int, compile_: bool, plain:
     rng = np.random.default_rng(rank)
     fmt = torch.contiguous_format if plain else torch.channels_last_3d
     torch.manual_seed(0)
-    model = ResidualUNet3D(config).train().to(memory_format=fmt)
+    model = ResidualUNet3D(config).train()
+    set_memory_format(model, fmt)  # as `mtseg train` does, before DDP
     net: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = compiled(net) if compile_ else net
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
