@@ -12,17 +12,22 @@ nothing, and nothing pushes it towards background.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def merged_log_probs(logits: torch.Tensor, annotated: list[int]) -> torch.Tensor:
-    """(K, ...) logits → (1 + len(annotated), ...) log-probabilities with the unannotated merged into 0."""
-    log_p = F.log_softmax(logits.float(), dim=0)
-    keep = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    keep[annotated] = True
-    keep[0] = False
-    rest = torch.logsumexp(log_p[~keep], dim=0, keepdim=True)  # background + unannotated
-    return torch.cat([rest, log_p[keep]], dim=0)
+    """(K, ...) logits → (1 + len(annotated), ...) log-probabilities with the unannotated merged into 0.
+
+    Straight from the logits: log p(c) = z_c − LSE(z), and the merged channel is LSE over background +
+    unannotated (the annotated masked to −inf) − LSE(z). No full log-softmax map and no boolean gather,
+    whose backward (index_put with accumulation over the whole map) was most of the loss's CPU time."""
+    logits = logits.float()
+    kept = sorted(set(annotated) - {0})
+    total = torch.logsumexp(logits, dim=0, keepdim=True)
+    mask = torch.zeros(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    mask[kept] = -torch.inf
+    rest = torch.logsumexp(logits + mask.view(-1, *([1] * (logits.dim() - 1))), dim=0, keepdim=True)
+    index = torch.tensor(kept, dtype=torch.long, device=logits.device)
+    return torch.cat([rest, logits.index_select(0, index)], dim=0) - total
 
 
 def remap_target(target: torch.Tensor, annotated: list[int]) -> torch.Tensor:
@@ -44,14 +49,15 @@ def partial_label_loss(
     losses = []
     for b in range(logits.shape[0]):
         ann = sorted(annotated[b])
-        log_p = merged_log_probs(logits[b], ann)
-        t = remap_target(target[b], ann)
-        ce = F.nll_loss(log_p[None], t[None])
-        p = log_p.exp()[1:]
-        onehot = F.one_hot(t, num_classes=len(ann) + 1).movedim(-1, 0)[1:].float()
-        dims = tuple(range(1, p.dim()))
-        inter = (p * onehot).sum(dims)
-        denom = p.sum(dims) + onehot.sum(dims)
+        k = len(ann) + 1
+        log_p = merged_log_probs(logits[b], ann).reshape(k, -1)
+        t = remap_target(target[b], ann).reshape(-1)
+        picked = log_p.gather(0, t[None])[0]  # log p of each voxel's labelled class
+        ce = -picked.mean()  # = nll_loss
+        # soft Dice per structure: Σ p over its labelled voxels (a scatter, not a one-hot map), Σ p, its count
+        inter = torch.zeros(k, dtype=log_p.dtype, device=log_p.device).scatter_add(0, t, picked.exp())[1:]
+        count = torch.bincount(t, minlength=k)[1:].to(log_p.dtype)
+        denom = log_p[1:].exp().sum(1) + count
         dice = (2 * inter + 1e-5) / (denom + 1e-5)
         losses.append(ce + dice_weight * (1 - dice.mean()))
     return torch.stack(losses).mean()

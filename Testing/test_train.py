@@ -130,6 +130,37 @@ def test_partial_label_loss_does_not_push_unannotated_structures_to_background()
     assert not torch.allclose(g_full[2][bg] / p[2][bg], g_full[0][bg] / p[0][bg], atol=1e-3)
 
 
+def _marginal_loss_by_definition(logits, target, annotated):
+    """The marginal loss written out: merged softmax, NLL, soft Dice on a one-hot map (what the loss computes)."""
+    out = []
+    for b in range(logits.shape[0]):
+        ann = sorted(annotated[b])
+        p = torch.softmax(logits[b].double(), 0)
+        merged = torch.stack([p[[c for c in range(p.shape[0]) if c not in ann]].sum(0)] + [p[c] for c in ann])
+        t = torch.zeros_like(target[b])
+        for i, v in enumerate(ann):
+            t[target[b] == v] = i + 1
+        ce = torch.nn.functional.nll_loss(merged.log()[None], t[None])
+        onehot = torch.nn.functional.one_hot(t, len(ann) + 1).movedim(-1, 0)[1:].double()
+        inter, denom = (merged[1:] * onehot).flatten(1).sum(1), (merged[1:] + onehot).flatten(1).sum(1)
+        out.append(ce + 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean())
+    return torch.stack(out).mean()
+
+
+def test_partial_label_loss_equals_its_definition():
+    torch.manual_seed(1)
+    logits = (torch.randn(3, 6, 5, 6, 7) * 3).requires_grad_(True)
+    annotated = [[1, 2], [4], [1, 2, 3, 4, 5]]  # partial, one structure, everything annotated
+    # a dataset's labels hold background and its own structures only
+    target = torch.stack([torch.tensor([0, *a])[torch.randint(0, len(a) + 1, (5, 6, 7))] for a in annotated])
+    loss = partial_label_loss(logits, target, annotated)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref = _marginal_loss_by_definition(logits, target, annotated)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
 def _break(root, how):
     meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     first = root / meta["training"][0]["label"]
