@@ -18,8 +18,8 @@ def merged_log_probs(logits: torch.Tensor, annotated: list[int]) -> torch.Tensor
     """(K, ...) logits → (1 + len(annotated), ...) log-probabilities with the unannotated merged into 0.
 
     Straight from the logits: log p(c) = z_c − LSE(z), and the merged channel is LSE over background +
-    unannotated (the annotated masked to −inf) − LSE(z). No full log-softmax map and no boolean gather,
-    whose backward (index_put with accumulation over the whole map) was most of the loss's CPU time."""
+    unannotated (the annotated masked to −inf) − LSE(z): no full log-softmax map, and no boolean gather
+    (its backward is an accumulating index_put over the whole map)."""
     logits = logits.float()
     kept = sorted(set(annotated) - {0})
     total = torch.logsumexp(logits, dim=0, keepdim=True)

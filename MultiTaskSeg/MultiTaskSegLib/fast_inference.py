@@ -67,7 +67,7 @@ def conv(layer: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     Called directly: aten's dispatcher sends a batch-1 float convolution to its slow im2col kernel
     when N·C·D·H ≤ 20480 and the kernel is ≤ 3 wide, a rule written for 2D images (N·C·H) that on a
     64³ window catches the input layer and every layer from 32³ down. A single window (small
-    volumes, an odd last batch) then ran ~1.7× slower per window than two (benchmarks/BENCHMARKS.md).
+    volumes, an odd last batch) then ran ~1.7× slower per window than two (benchmarks/conv_path_ab.py).
     """
     if _onednn_available() and isinstance(layer.padding, tuple):
         try:
