@@ -106,3 +106,18 @@ def mr_phantom(
         im = rng.standard_normal((ny, nx), dtype=np.float32) * noise
         out[k] = np.sqrt(re * re + im * im) * 1000.0
     return _image(out, spacing)
+
+
+def training_cases(preprocessing) -> list:
+    """Two preprocessed phantom cases (CT, MR) labelled above their 70th percentile: what the training
+    throughput benchmarks sample patches from."""
+    from MultiTaskSegLib.preprocessing import preprocess
+    from MultiTaskSegTraining.data import CachedCase
+
+    cases = []
+    for i, (make, size) in enumerate([(ct_phantom, (192, 192, 120)), (mr_phantom, (128, 128, 96))]):
+        pre = preprocess(make(size, (1.5, 1.5, 1.5), seed=i), preprocessing)
+        label = (pre.array > np.percentile(pre.array, 70)).astype(np.uint8)
+        shape_mm = tuple(np.array(pre.array.shape) * 2.0)
+        cases.append(CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label, shape_mm))
+    return cases

@@ -27,27 +27,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from MultiTaskSegLib import DEFAULT_BUNDLE
+
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "MultiTaskSeg" / "Resources" / "Models" / "default"
 sys.path.insert(0, str(ROOT))  # benchmarks.phantoms (the package itself is installed)
-
-
-def _cases(bundle) -> list:
-    from benchmarks.phantoms import ct_phantom, mr_phantom
-    from MultiTaskSegLib.preprocessing import preprocess
-    from MultiTaskSegTraining.data import CachedCase
-
-    cases = []
-    for i, (make, size) in enumerate([(ct_phantom, (192, 192, 120)), (mr_phantom, (128, 128, 96))]):
-        pre = preprocess(make(size, (1.5, 1.5, 1.5), seed=i), bundle.preprocessing)
-        label = (pre.array > np.percentile(pre.array, 70)).astype(np.uint8)
-        shape_mm = tuple(np.array(pre.array.shape) * 2.0)
-        cases.append(CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label, shape_mm))
-    return cases
 
 
 def _timed(rank: int, world: int, batch: int, steps: int, compile_: bool, plain: bool, port: int, out: str) -> None:
     """One replica: `steps` timed training steps after one warm-up (compilation) step; rank 0 writes the rate."""
+    from benchmarks.phantoms import training_cases
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.network import ResidualUNet3D
     from MultiTaskSegTraining.config import TrainConfig
@@ -58,9 +46,9 @@ def _timed(rank: int, world: int, batch: int, steps: int, compile_: bool, plain:
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    bundle = load_bundle(BUNDLE)
+    bundle = load_bundle(DEFAULT_BUNDLE)
     config = bundle.network_config
-    sampler = PatchSampler(_cases(bundle), 2, tuple(bundle.window.patch_size), seed=rank)
+    sampler = PatchSampler(training_cases(bundle.preprocessing), 2, tuple(bundle.window.patch_size), seed=rank)
     rng = np.random.default_rng(rank)
     fmt = torch.contiguous_format if plain else torch.channels_last_3d
     torch.manual_seed(0)

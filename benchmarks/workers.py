@@ -181,25 +181,17 @@ def run_training_worker(spec: dict) -> dict:
         torch.set_num_threads(int(spec["threads"]))
     from MultiTaskSegLib.bundle import load_bundle
     from MultiTaskSegLib.network import ResidualUNet3D
-    from MultiTaskSegLib.preprocessing import preprocess
     from MultiTaskSegTraining.config import TrainConfig
-    from MultiTaskSegTraining.data import CachedCase
     from MultiTaskSegTraining.sampling import PatchSampler, augment
     from MultiTaskSegTraining.train import compiled, training_step
 
-    from .phantoms import ct_phantom, mr_phantom
+    from .phantoms import training_cases
 
     bundle = load_bundle(spec["bundle"])
     config = bundle.network_config
     patch = tuple(bundle.window.patch_size)
     batch = bundle.window.batch_size
-    cases = []
-    for i, (make, size) in enumerate([(ct_phantom, (192, 192, 120)), (mr_phantom, (128, 128, 96))]):
-        pre = preprocess(make(size, (1.5, 1.5, 1.5), seed=i), bundle.preprocessing)
-        label = (pre.array > np.percentile(pre.array, 70)).astype(np.uint8)
-        cases.append(
-            CachedCase(i, f"phantom{i}", pre.array.astype(np.float16), label, tuple(np.array(pre.array.shape) * 2.0))
-        )
+    cases = training_cases(bundle.preprocessing)
     # the shipped training recipe's CPU settings (configs/default_joint.yaml)
     recipe = TrainConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "default_joint.yaml")
     channels_last, compile_ = recipe.channels_last, recipe.compile
