@@ -2,18 +2,17 @@
 """A/B of the inference convolutions' path: oneDNN called directly (``fast_inference.conv``) against the
 standard layer's dispatch (aten sends most batch-1 3D convolutions to its slow im2col kernel).
 
-    python benchmarks/conv_path_ab.py IMAGE [--rounds 4] [--threads 2]
+    python -m benchmarks.conv_path_ab IMAGE [--rounds 4] [--threads 2]
 
 One process, the shipped default model, the image's real sliding-window pass (`Predictor.network_pass`,
-OOD taps included), the two paths alternating who goes first; wall seconds per pass and the median ratio.
+OOD taps included), timed by the bench's own ``_interleaved`` (one untimed call each, then the two
+paths alternating who goes first); wall seconds per pass and the median ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
-import time
 
 import torch
 
@@ -24,6 +23,8 @@ from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.preprocessing import preprocess
 from MultiTaskSegLib.process_memory import allow_malloc_tuning, reuse_freed_memory
 from MultiTaskSegLib.volume_io import read_volume
+
+from .workers import _interleaved
 
 
 def main() -> None:
@@ -38,21 +39,23 @@ def main() -> None:
     pre = preprocess(read_volume(args.image), predictor.preprocessing, None)
     window = predictor.window_config(PredictOptions(device="cpu"))
     onednn = fast._onednn_available
-    paths = {"oneDNN direct": onednn, "standard dispatch": lambda: False}
-    seconds: dict[str, list[float]] = {k: [] for k in paths}
-    predictor.network_pass(pre.array, window)  # warm-up: oneDNN builds its primitives on the first call
+
+    def network_pass(available) -> int:
+        fast._onednn_available = available
+        with reuse_freed_memory():
+            return predictor.network_pass(pre.array, window).n_windows
+
     try:
-        for r in range(args.rounds):
-            for name in list(paths) if r % 2 == 0 else list(paths)[::-1]:
-                fast._onednn_available = paths[name]
-                gc.collect()
-                t = time.perf_counter()
-                with reuse_freed_memory():
-                    result = predictor.network_pass(pre.array, window)
-                seconds[name].append(time.perf_counter() - t)
+        seconds, _, n_windows = _interleaved(
+            [
+                ("oneDNN direct", lambda: network_pass(onednn)),
+                ("standard dispatch", lambda: network_pass(lambda: False)),
+            ],
+            args.rounds,
+        )
     finally:
         fast._onednn_available = onednn
-    print(f"{args.image}: canonical {pre.array.shape}, {result.n_windows} windows, {args.threads} threads")
+    print(f"{args.image}: canonical {pre.array.shape}, {n_windows['oneDNN direct']} windows, {args.threads} threads")
     for name, values in seconds.items():
         print(f"  {name:18s} median {statistics.median(values):.3f} s  ({', '.join(f'{v:.2f}' for v in values)})")
     ratio = statistics.median(seconds["standard dispatch"]) / statistics.median(seconds["oneDNN direct"])
