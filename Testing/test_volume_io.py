@@ -51,7 +51,7 @@ def test_single_time_point_4d_is_read_as_3d(tmp_path):
 
 EXPECTED_PROBLEM = {
     "2d": "2D",
-    "4d": "4D",
+    "4d": "4D with 3 volumes",
     "vector": "components",
     "unreadable": "cannot read",
     "truncated": "truncated",
@@ -70,6 +70,8 @@ def test_bad_inputs_are_refused_naming_file_and_problem(tmp_path, kind, suffix):
     message = str(info.value)
     assert message.startswith(str(path)), message
     assert EXPECTED_PROBLEM[kind] in message, message
+    if kind == "4d":  # what to do, not only what is wrong
+        assert "extract one volume first" in message, message
     assert "\n" not in message
 
 

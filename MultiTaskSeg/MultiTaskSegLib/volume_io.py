@@ -193,6 +193,11 @@ def validate_volume(image: sitk.Image, name: str = "input") -> None:
     size = image.GetSize()
     if dim == 4 and size[3] == 1:
         pass  # a 4D file with one time point is a 3D volume in disguise; handled by squeeze_4d
+    elif dim == 4:  # a series (cine frames, diffusion directions …): which volume to segment is the user's call
+        raise InputVolumeError(
+            f"{name}: image is 4D with {size[3]} volumes (size {size}); a 3D volume is needed — "
+            "extract one volume first (e.g. a cine MR's end-diastolic frame)"
+        )
     elif dim != 3:
         raise InputVolumeError(f"{name}: image is {dim}D (size {size}); a 3D volume is needed")
     if min(size[:3]) < 2:
