@@ -54,6 +54,9 @@ class TrainConfig:
     signature_augmentations: int = 2  # extra training signatures per case (random crop + intensity)
     signature_max_cases: int | None = None  # per context; None = every training case (cheaper runs may cap it)
     threshold_k: float = 2.5
+    # the context head's window logits count by each window's share of voxels above this normalised intensity
+    # (inference.WindowConfig); None = a plain mean over windows (bundles before it)
+    foreground_threshold: float | None = None
     # train+val cases per context (each also with one seeded artefact) that fit the per-context OOD detector
     # and the quality model at the end of training (mtseg finalise's code); None = all, 0 = skip (plain detector)
     trust_fit_cases: int | None = DEFAULT_TRUST_FIT_CASES

@@ -63,7 +63,9 @@ def finalise(
     elapsed: float,
 ) -> Path:
     """Temperature on validation cases, training signatures + threshold, then the bundle."""
-    window = WindowConfig(tuple(config.patch_size), config.overlap, config.batch_size)
+    window = WindowConfig(
+        tuple(config.patch_size), config.overlap, config.batch_size, foreground_threshold=config.foreground_threshold
+    )
     annotated = [space.annotated(d) for d in range(len(specs))]
     t0 = time.perf_counter()
     temperature, val_nll = fit_temperature(model, cases["val"], window, dev, annotated)

@@ -22,6 +22,19 @@ def add_fit_cases_argument(p: argparse.ArgumentParser, note: str = "") -> None:
     )
 
 
+def _threshold(text: str) -> tuple[float | None]:
+    """``T`` (a number ≥ 0) or ``none``, boxed so that "not given" (None) differs from "none"."""
+    if text.lower() == "none":
+        return (None,)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', not {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0 (or 'none'), not {text}")
+    return (value,)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="the bundle whose weights and training.split are used")
     p.add_argument("--data", nargs="+", required=True, metavar="DATASET", help="the bundle's MSD dataset folders")
@@ -31,6 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fit_cases_argument(p)
     p.add_argument(
         "--layers", nargs="+", metavar="LAYER", help="layers whose signatures the detector uses (default: the bundle's)"
+    )
+    p.add_argument(
+        "--foreground-threshold",
+        type=_threshold,
+        default=None,
+        metavar="T|none",
+        help="the context head's window logits count by each window's share of voxels above this normalised "
+        "intensity (none: a plain mean over windows); default: the bundle's own",
     )
     p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
@@ -50,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
         args.overwrite,
         log=lambda m: print(m, file=sys.stderr, flush=True),
         layers=args.layers,
+        **({} if args.foreground_threshold is None else {"foreground_threshold": args.foreground_threshold[0]}),
     )
     return 0

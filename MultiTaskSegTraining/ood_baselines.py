@@ -185,19 +185,45 @@ class SizeControlDetector:
 # --- size-robustness variants ---------------------------------------------------------------
 
 
-def central_crop(image: sitk.Image, fraction: float = 0.5) -> sitk.Image:
-    """The central ``fraction`` of the image per axis (geometry kept: same voxels, same places)."""
+def central_crop(image: sitk.Image, fraction: float | Sequence[float] = 0.5) -> sitk.Image:
+    """The central ``fraction`` of the image per axis (one value, or one per axis x, y, z; geometry kept:
+    same voxels, same places)."""
     size = np.array(image.GetSize())
-    keep = np.maximum(np.round(size * fraction).astype(int), 2)
+    keep = np.maximum(np.round(size * np.asarray(fraction, dtype=np.float64)).astype(int), 2)
     start = (size - keep) // 2
     return sitk.RegionOfInterest(image, [int(k) for k in keep], [int(s) for s in start])
 
 
-def pad_to_factor(image: sitk.Image, factor: float = 2.0) -> sitk.Image:
-    """The image centred in a ``factor``× larger (per axis) field of view, padded with its minimum."""
+def pad_to_factor(image: sitk.Image, factor: float | Sequence[float] = 2.0) -> sitk.Image:
+    """The image centred in a ``factor``× larger (per axis: one value, or one per axis x, y, z) field of view,
+    padded with its minimum."""
     size = np.array(image.GetSize())
-    extra = np.round(size * (factor - 1)).astype(int)
+    extra = np.round(size * (np.asarray(factor, dtype=np.float64) - 1)).astype(int)
     lower = extra // 2
     upper = extra - lower
     low = float(sitk.GetArrayViewFromImage(image).min())
     return sitk.ConstantPad(image, [int(v) for v in lower], [int(v) for v in upper], low)
+
+
+FIELD_OF_VIEW_RANGE = (0.75, 1.3)  # factors on the in-plane and the through-plane extent
+_MIN_SLICES_TO_REFRAME = 12  # a stack of fewer slices (a cine short-axis stack) keeps its slice coverage
+
+
+def field_of_view_variant(
+    image: sitk.Image, seed: int, factors: tuple[float, float] = FIELD_OF_VIEW_RANGE
+) -> sitk.Image:
+    """The same scan as another protocol might frame it: in-plane and through-plane factors drawn (seeded)
+    from ``factors``; below 1 the central part is kept, above 1 the image is padded with its minimum.
+    The trust fit counts such variants as in-distribution, so a field of view unlike the training cases'
+    is not by itself an OOD flag (docs/RESULTS.md, Trust)."""
+    rng = np.random.default_rng(seed)
+    in_plane, through = rng.uniform(*factors, 2)
+    if image.GetSize()[2] < _MIN_SLICES_TO_REFRAME:
+        through = 1.0
+    for f in ((in_plane, in_plane, 1.0), (1.0, 1.0, through)):
+        per_axis = np.asarray(f)
+        if (per_axis < 1).any():
+            image = central_crop(image, np.minimum(per_axis, 1.0))
+        if (per_axis > 1).any():
+            image = pad_to_factor(image, np.maximum(per_axis, 1.0))
+    return image

@@ -3,9 +3,12 @@
 Families (everything from ../shared; test cases are only ever scored, never fitted on):
 
 - ``fit`` / ``fit_shift``: train + validation cases of the bundle's split, clean and with one
-  seeded artefact each — the only records the detector, threshold and quality model see;
+  seeded artefact each — with ``fit_fov`` the only records the detector, threshold and quality model see;
 - ``id``: the bundle's test split (in distribution); ``id_unseen``: cases added to the datasets
   after the bundle was trained (never seen by it; further in-distribution held-out cases);
+- ``fit_fov`` / ``id_fov``: a fit case / a test case with a seeded other field of view
+  (``ood_baselines.field_of_view_variant``): in-distribution references of the detector / in-distribution
+  cases that should not be flagged (no labels: only the signature and the context head are used);
 - ``shift``: test cases with every artefact type at the chosen severities;
 - ``ood_near`` / ``ood_far``: ood-dev volumes (near = trained anatomy in another sequence or
   a brain template, see NEAR_OOD).
@@ -27,9 +30,11 @@ from MultiTaskSegLib.predictor import Predictor
 from MultiTaskSegLib.volume_io import read_volume
 
 from .evaluate_data import EvalDataset, match_datasets, ood_volumes, pick_even
+from .ood_baselines import field_of_view_variant
 from .trust_corruptions import SEVERITIES, corrupt
-from .trust_records import cached_record, image_record
+from .trust_records import cached_record, image_record, record_settings
 
+REFRAME = ("field_of_view", 0)  # a Job's "corruption" that only changes the field of view (ood_baselines)
 NEAR_OOD = ("tcgalgg_", "pyradiomics_brain", "nilearn_mni", "nimare_mni")  # name prefixes in ood-dev
 
 
@@ -43,6 +48,9 @@ class Plan:
     id_cases: int | None = None  # test cases per context
     ood: bool = True
     fit_only: bool = False  # only the fit families (what `mtseg finalise` needs)
+    # one seeded field-of-view variant of every fit case (in-distribution references of the detector: fit_fov)
+    # and of every test case (in-distribution cases that must not be flagged: id_fov)
+    field_of_view: bool = True
 
 
 CI_PLAN = Plan(fit_cases=2, shift_cases=1, severities=(3,), kinds=("noise", "anisotropy"), unseen_cases=0, id_cases=2)
@@ -89,9 +97,14 @@ def work_list(bundle: Bundle, data_dirs: Sequence, ood_dirs: Sequence, plan: Pla
         suffix = f"__{corruption[0]}{corruption[1]}" if corruption else ""
         return Job(family, f"{family}/{ds.spec.name}__{case.case_id}{suffix}", case.image, ds, case.label, corruption)
 
+    def reframed(family: str, ds: EvalDataset, case) -> Job:  # no label: only its signature and head are used
+        return Job(family, f"{family}/{ds.spec.name}__{case.case_id}", case.image, ds, None, REFRAME)
+
     if not plan.fit_only:
         for ds in datasets:
-            jobs += [labelled("id", ds, c) for c in pick_even(ds.cases("test"), plan.id_cases)]
+            tests = pick_even(ds.cases("test"), plan.id_cases)
+            jobs += [labelled("id", ds, c) for c in tests]
+            jobs += [reframed("id_fov", ds, c) for c in tests] if plan.field_of_view else []
         for name, path in ood_volumes(ood_dirs) if plan.ood else []:
             family = "ood_near" if name.startswith(NEAR_OOD) else "ood_far"
             jobs.append(Job(family, f"{family}/{name}", path))
@@ -99,6 +112,7 @@ def work_list(bundle: Bundle, data_dirs: Sequence, ood_dirs: Sequence, plan: Pla
     for ds in datasets:
         fit = pick_even(ds.cases("train") + ds.cases("val"), plan.fit_cases)
         jobs += [labelled("fit", ds, c) for c in fit]
+        jobs += [reframed("fit_fov", ds, c) for c in fit] if plan.field_of_view else []
         for i, c in enumerate(fit):  # one artefact each: types in turn, severities alternating
             jobs.append(
                 labelled("fit_shift", ds, c, (kinds[i % len(kinds)], plan.severities[i % len(plan.severities)]))
@@ -116,7 +130,9 @@ def work_list(bundle: Bundle, data_dirs: Sequence, ood_dirs: Sequence, plan: Pla
 
 def run_job(predictor: Predictor, job: Job) -> dict:
     image = read_volume(job.path)
-    if job.corruption:
+    if job.corruption == REFRAME:
+        image = field_of_view_variant(image, job.seed)
+    elif job.corruption:
         image = corrupt(image, job.corruption[0], job.corruption[1], job.seed)
     label = structures = None
     if job.label is not None:
@@ -142,7 +158,7 @@ def run_all(predictor: Predictor, jobs: list[Job], records_dir: Path, log=print)
     for i, job in enumerate(jobs):
         path = records_dir / f"{job.key}.json"
         fresh = not path.is_file()
-        rec = cached_record(path, lambda job=job: run_job(predictor, job))
+        rec = cached_record(path, lambda job=job: run_job(predictor, job), record_settings(predictor))
         out.append(rec)
         if fresh:
             d = rec.get("dice") or {}

@@ -19,13 +19,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 from safetensors.torch import load_file
 
 from MultiTaskSegLib.bundle import META_FILE, MODEL_FILE, SIGNATURES_FILE, load_bundle, save_bundle
-from MultiTaskSegLib.bundle_schema import OodBlock
+from MultiTaskSegLib.bundle_schema import BundleMeta, OodBlock
 from MultiTaskSegLib.errors import MultiTaskSegError
 from MultiTaskSegLib.predictor import Predictor
 
@@ -35,12 +35,17 @@ from .trust_fit import fit_detector, fit_quality, log_volume_stats, loo_scores
 from .trust_records import RECORD_VERSION
 from .trust_report import DEFAULT_LAYERS, LAYER_SETS
 
+KEEP = object()  # refit_trust's foreground_threshold: the bundle's own
 
-def default_records_dir(bundle_path: Path) -> Path:
-    """A cache per (weights, temperature, post-processing, record format): what a record holds depends on all four."""
-    schema = load_bundle(bundle_path).schema
+
+def default_records_dir(bundle_path: Path, schema: BundleMeta | None = None) -> Path:
+    """A cache per (weights, temperature, post-processing, record format, foreground threshold): what a record
+    holds depends on all of them. ``schema``: the bundle's, as changed by the caller (default: as stored)."""
+    schema = schema or load_bundle(bundle_path).schema
     post = schema.postprocessing.largest_component if schema.postprocessing else []
-    key = [(schema.files or {})[MODEL_FILE], schema.calibration.temperature, sorted(post), RECORD_VERSION]
+    key: list = [(schema.files or {})[MODEL_FILE], schema.calibration.temperature, sorted(post), RECORD_VERSION]
+    if schema.preprocessing.window.foreground_threshold is not None:  # absent: the caches made before it stay valid
+        key.append(schema.preprocessing.window.foreground_threshold)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return Path.home() / ".cache" / "multitaskseg" / "trust" / digest
 
@@ -55,18 +60,27 @@ def refit_trust(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     layers: Sequence[str] | None = None,
+    foreground_threshold: float | None | object = KEEP,
 ) -> Path:
-    """Write ``output``: the bundle with a refitted detector and quality model (same weights)."""
+    """Write ``output``: the bundle with a refitted detector and quality model (same weights); with
+    ``foreground_threshold`` (a float, or None for a plain mean) the context head's window average changes to
+    it (``WindowConfig.foreground_threshold``) before the fit, and the new bundle keeps it."""
     bundle_path, output = Path(bundle_path), Path(output)
     bundle = load_bundle(bundle_path)
+    if foreground_threshold is not KEEP:
+        bundle.schema.preprocessing.window.foreground_threshold = cast("float | None", foreground_threshold)
     if (output / META_FILE).exists() and not overwrite and output.resolve() != bundle_path.resolve():
         raise MultiTaskSegError(f"{output} already holds a bundle; choose another output or pass --overwrite")
     jobs = work_list(bundle, data_dirs, (), Plan(fit_cases=fit_cases, fit_only=True))
-    records = run_all(Predictor(bundle, device), jobs, records_dir or default_records_dir(bundle_path), log)
+    records = run_all(
+        Predictor(bundle, device), jobs, records_dir or default_records_dir(bundle_path, bundle.schema), log
+    )
     fit = [r for r in records if r["family"] == "fit"]
     fit_shift = [r for r in records if r["family"] == "fit_shift"]
+    fit_fov = [r for r in records if r["family"] == "fit_fov"]
     layers = list(layers or bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # default: the run's ood_layers
-    det, loo = fit_detector(fit, layers, bundle.context_names)
+    det, loo = fit_detector(fit + fit_fov, layers, bundle.context_names)
+    loo = loo[: len(fit)]  # the quality model learns from the clean cases and their artefacts
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     quality = fit_quality(
         fit + fit_shift,
@@ -95,7 +109,7 @@ def refit_trust(
         "context's mean leave-one-patient-out nearest-neighbour distance, shrunk to the pooled mean with "
         "3 pseudo-cases); score = exp(mean of z(log d) and z(log(1 − context-head confidence))), z on the "
         "median and spread of the train/val cases (combination)",
-        fitted_on=f"{len(fit)} train/val cases (bundle split)",
+        fitted_on=f"{len(fit)} train/val cases (bundle split) and a field-of-view variant of each ({len(fit_fov)})",
     )
     meta = dataclasses.replace(copy.deepcopy(bundle.schema), ood=ood, quality=quality.to_dict())
     state = load_file(str(bundle_path / MODEL_FILE), device="cpu")

@@ -73,6 +73,7 @@ def image_record(
         "shipped_is_ood": shipped.is_ood,
         "uncertainty": uncertainty_scores(probs),
         "evidence": {str(v): e for v, e in evidence.items()},
+        **record_settings(predictor),
         "geometry": image_geometry(image),
         "size": list(image.GetSize()),
         "spacing": list(image.GetSpacing()),
@@ -85,12 +86,18 @@ def image_record(
     return rec
 
 
-def cached_record(path: Path, make) -> dict:
-    """Read the record at ``path`` or make and write it (temp file + rename: a killed run leaves no half file)."""
+def record_settings(predictor: Predictor) -> dict:
+    """The inference settings a record depends on beyond the bundle's weights (records before them: None)."""
+    return {"foreground_threshold": predictor.window.foreground_threshold}
+
+
+def cached_record(path: Path, make, settings: dict | None = None) -> dict:
+    """Read the record at ``path`` or make and write it (temp file + rename: a killed run leaves no half file).
+    A cached record of an older format, or made with other ``settings``, is made again."""
     if path.is_file():
         rec = json.loads(path.read_text(encoding="utf-8"))
-        if rec.get("version", 1) == RECORD_VERSION:
-            return rec  # else a record of an older format: made again
+        if rec.get("version", 1) == RECORD_VERSION and all(rec.get(k) == v for k, v in (settings or {}).items()):
+            return rec
     rec = json_clean(make())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(rec))

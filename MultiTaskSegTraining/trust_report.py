@@ -37,7 +37,7 @@ LAYER_SETS = {
 DEFAULT_LAYERS = "enc0+enc1"
 SHIPPED = f"spectral+confidence:{DEFAULT_LAYERS}"
 RECORDED = "detector of the recorded bundle"
-FIT_FAMILIES = ("fit", "fit_shift")
+FIT_FAMILIES = ("fit", "fit_shift", "fit_fov")
 PER_CONTEXT_SCORES = (
     RECORDED,
     f"spectral:{DEFAULT_LAYERS}",
@@ -94,6 +94,7 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     fit = [r for r in records if r["family"] == "fit"]
     fit_shift = [r for r in records if r["family"] == "fit_shift"]
+    refs = fit + [r for r in records if r["family"] == "fit_fov"]  # the detectors' in-distribution references
     rest = [r for r in records if r["family"] not in FIT_FAMILIES]
     fam = np.asarray([r["family"] for r in rest])
     clean = {(r["dataset"], case_of(r)): case_dice(r) for r in records if r["family"] in ("id", "fit")}
@@ -111,16 +112,17 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     names_ctx = bundle.context_names
     for name in LAYER_SETS:
         layers = _layers(name, records)
-        detectors[f"spectral:{name}"] = fit_detector(fit, layers, names_ctx, with_confidence=False)
-        detectors[f"spectral+confidence:{name}"] = fit_detector(fit, layers, names_ctx)
+        detectors[f"spectral:{name}"] = fit_detector(refs, layers, names_ctx, with_confidence=False)
+        detectors[f"spectral+confidence:{name}"] = fit_detector(refs, layers, names_ctx)
     previous = f"spectral, nearest of any context:{DEFAULT_LAYERS}"  # the detector shipped before this one
     detectors[previous] = fit_detector(
-        fit, LAYER_SETS[DEFAULT_LAYERS], names_ctx, conditioning="any", with_confidence=False
+        refs, LAYER_SETS[DEFAULT_LAYERS], names_ctx, conditioning="any", with_confidence=False
     )
     for name, (det, _) in detectors.items():
         scores[name] = record_scores(det, rest)
     tables_selection = _selection(detectors, fit, fit_shift, rest, fam, clean)
-    det, loo_fit = detectors[SHIPPED]
+    det, loo_refs = detectors[SHIPPED]
+    loo_fit = loo_refs[: len(fit)]
     loo_shift = loo_scores(det, fit_shift)
     volume = log_volume_stats(fit, names)
     quality = fit_quality(
@@ -151,7 +153,7 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
     ood_scores = {k: v for k, v in scores.items() if k != "flag"}
     tables = {
         "families": {f: int((fam == f).sum()) for f in sorted(set(fam))}
-        | {"fit": len(fit), "fit_shift": len(fit_shift)},
+        | {"fit": len(fit), "fit_shift": len(fit_shift), "fit_fov": len(refs) - len(fit)},
         "detector": {
             "layers": det.layers,
             "threshold": det.threshold,
@@ -166,10 +168,12 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
         "layer_selection": tables_selection,
         "ood_vs_test": ood_table(ood_scores, negative, groups),
         "ood_vs_test_and_unseen": ood_table(ood_scores, np.isin(fam, ["id", "id_unseen"]), groups),
+        # the test cases as another protocol might frame them count as in-distribution too
+        "ood_vs_test_and_reframed": ood_table(ood_scores, np.isin(fam, ["id", "id_fov"]), groups),
     }
     flagged = main > det.threshold
     tables["false_alarms"] = {}
-    for f in ("id", "id_unseen"):
+    for f in ("id", "id_unseen", "id_fov"):
         for ctx in sorted({r["dataset"] for r, ff in zip(rest, fam) if ff == f}):
             m = (fam == f) & np.asarray([r["dataset"] == ctx for r in rest])
             tables["false_alarms"].setdefault(f, {})[ctx] = {
@@ -309,7 +313,13 @@ def markdown(t: dict) -> str:
             f"({v['corrupted_fit_cases']['n_ood']}) |"
         )
     lines.append("")
-    for title, key in (("vs the test split", "ood_vs_test"), ("vs test + unseen cases", "ood_vs_test_and_unseen")):
+    for title, key in (
+        ("vs the test split", "ood_vs_test"),
+        ("vs test + unseen cases", "ood_vs_test_and_unseen"),
+        ("vs test cases and a field-of-view variant of each", "ood_vs_test_and_reframed"),
+    ):
+        if key not in t:  # a trust.json written before the field-of-view family
+            continue
         groups = list(t[key])
         lines += [
             f"OOD detection {title} (AUROC / FPR at 95 % TPR; n positive in brackets):",

@@ -130,6 +130,28 @@ def test_schema_reads_and_rewrites_the_shipped_bundle_unchanged():
     assert bundle.window.patch_size == tuple(meta["preprocessing"]["patch_size"])
 
 
+def test_foreground_threshold_travels_from_bundle_json_to_the_window_predict_uses(untrained_bundle):
+    """Absent (bundles before it): None, and not written back; set: read, written and passed to every pass."""
+    from MultiTaskSegLib.predictor import PredictOptions, Predictor
+    from MultiTaskSegTraining.trust_finalise import default_records_dir
+
+    meta = json.loads((untrained_bundle.path / "bundle.json").read_text())
+    assert "foreground_threshold" not in meta["preprocessing"]
+    schema = BundleMeta.from_dict(meta)
+    assert schema.preprocessing.window.foreground_threshold is None
+    assert "foreground_threshold" not in schema.to_dict()["preprocessing"]
+    plain_records = default_records_dir(untrained_bundle.path, schema)
+    schema.preprocessing.window.foreground_threshold = 0.05
+    written = schema.to_dict()
+    assert written["preprocessing"]["foreground_threshold"] == 0.05
+    assert BundleMeta.from_dict(written).preprocessing.window.foreground_threshold == 0.05
+    assert default_records_dir(untrained_bundle.path, schema) != plain_records  # its own record cache
+    bundle = load_bundle(untrained_bundle.path)
+    bundle.schema = BundleMeta.from_dict(written)
+    for options in (PredictOptions(), PredictOptions(tta=True, cpu_bf16=True)):
+        assert Predictor(bundle, "cpu").window_config(options).foreground_threshold == 0.05
+
+
 def test_schema_keeps_unknown_keys_and_refuses_a_malformed_block(bundle_copy):
     meta = json.loads((bundle_copy / "bundle.json").read_text())
     meta["ood"]["future_field"] = [1, 2]

@@ -118,6 +118,38 @@ def test_baseline_detectors_and_size_variants():
     assert sitk.GetArrayViewFromImage(pad).min() == sitk.GetArrayViewFromImage(image).min()
 
 
+def test_field_of_view_variant_reframes_the_same_voxels_reproducibly():
+    """Per-axis crops and pads keep every kept voxel where it was; the variant is seeded; factors lie in the
+    range; a stack of few slices (cine) keeps its slices."""
+    from MultiTaskSegTraining.ood_baselines import FIELD_OF_VIEW_RANGE, field_of_view_variant
+
+    rng = np.random.default_rng(3)
+    image = sitk.GetImageFromArray(rng.normal(size=(40, 30, 50)).astype(np.float32))  # x 50, y 30, z 40
+    image.SetSpacing((0.8, 0.8, 2.0))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    crop = central_crop(image, (0.5, 1.0, 0.75))
+    assert crop.GetSize() == (25, 30, 30)
+    pad = pad_to_factor(image, (1.0, 1.2, 1.0))
+    assert pad.GetSize() == (50, 36, 40)
+    sizes = set()
+    for seed in range(8):
+        v = field_of_view_variant(image, seed)
+        again = field_of_view_variant(image, seed)
+        assert v.GetSize() == again.GetSize() and v.GetOrigin() == again.GetOrigin()
+        ratio = np.asarray(v.GetSize()) / np.asarray(image.GetSize())
+        lo, hi = FIELD_OF_VIEW_RANGE
+        assert ratio[0] == pytest.approx(ratio[1], abs=0.05) and all(lo - 0.05 <= r <= hi + 0.05 for r in ratio)
+        # a voxel of the original keeps its value at its physical point
+        centre = [s // 2 for s in image.GetSize()]
+        point = image.TransformIndexToPhysicalPoint(centre)
+        index = v.TransformPhysicalPointToIndex(point)
+        assert v[index] == image[centre]
+        sizes.add(v.GetSize())
+    assert len(sizes) > 4  # seeds give different framings
+    cine = image[:, :, :8]  # 8 slices
+    assert all(field_of_view_variant(cine, seed).GetSize()[2] == 8 for seed in range(4))
+
+
 def test_summaries_are_json_clean():
     s = summarise({"a": 0.5, "b": None, "c": 1.0})
     assert s["mean"] == pytest.approx(0.75) and s["n"] == 2 and s["n_undefined"] == 1

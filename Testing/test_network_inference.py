@@ -192,6 +192,52 @@ def test_padding_does_not_enter_the_signature():
     np.testing.assert_allclose(result.gram["f"], [[4.0]], rtol=1e-5)
 
 
+class _VoxelFeaturesAndContext(_ConstantModel):
+    """Voxelwise features (x, x², sin 3x) and a context logit per window = [window mean, 1]."""
+
+    def forward(self, x, taps=()):
+        logits, _ = super().forward(x)
+        context = torch.stack([x.mean(dim=(1, 2, 3, 4)), torch.ones(x.shape[0])], dim=1)
+        return logits, {"f": torch.cat([x, x * x, torch.sin(3 * x)], dim=1), "context": context}
+
+
+def test_foreground_threshold_weights_each_windows_context_by_its_foreground_share():
+    """With ``foreground_threshold`` the context logits are the windows' mean weighted by each window's share of
+    voxels above it (a window of pure background counts for nothing); the Gram (the OOD signature) and the
+    segmentation logits do not change."""
+    rng = np.random.default_rng(7)
+    body = rng.random((20, 24, 18), dtype=np.float32) * 0.8 + 0.2  # all above 0.1
+    body[:4] = 0.0  # some background inside the image too
+    padded = np.pad(body, ((8, 8), (20, 20), (6, 6)))  # a larger field of view of background
+    model = _VoxelFeaturesAndContext()
+    config = WindowConfig((16, 16, 16), 0.5, 3, foreground_threshold=0.1)
+    weighted = sliding_window(model, padded, config, CPU, taps=["f"])
+    plain = sliding_window(model, padded, WindowConfig((16, 16, 16), 0.5, 3), CPU, taps=["f"])
+    windows = [
+        padded[z : z + 16, y : y + 16, x : x + 16]
+        for z in window_starts(padded.shape[0], 16, 0.5)
+        for y in window_starts(padded.shape[1], 16, 0.5)
+        for x in window_starts(padded.shape[2], 16, 0.5)
+    ]
+    share = np.array([(w > 0.1).mean() for w in windows])
+    means = np.array([w.mean() for w in windows])
+    assert (share == 0).sum() > 4  # windows of pure background, which count for nothing
+    np.testing.assert_allclose(weighted.context_logits, [(share * means).sum() / share.sum(), 1.0], rtol=1e-5)
+    np.testing.assert_allclose(plain.context_logits, [means.mean(), 1.0], rtol=1e-5)
+    np.testing.assert_array_equal(weighted.gram["f"], plain.gram["f"])
+    assert torch.equal(weighted.logits, plain.logits)
+
+
+def test_foreground_threshold_above_every_voxel_weights_every_window_alike():
+    """An image with nothing above the threshold: a plain mean (as without one), never a 0/0."""
+    array = np.random.default_rng(8).random((20, 20, 20), dtype=np.float32) * 0.05
+    model = _VoxelFeaturesAndContext()
+    high = sliding_window(model, array, WindowConfig((16, 16, 16), 0.5, 2, foreground_threshold=0.5), CPU, ["f"])
+    plain = sliding_window(model, array, WindowConfig((16, 16, 16), 0.5, 2), CPU, ["f"])
+    assert np.isfinite(high.context_logits).all()
+    np.testing.assert_allclose(high.context_logits, plain.context_logits, rtol=1e-6)
+
+
 def test_flip_tta_runs_and_keeps_shapes(model):
     array = np.random.default_rng(5).random((16, 16, 16), dtype=np.float32)
     plain = sliding_window(model, array, WindowConfig((16, 16, 16), 0.5, 1), CPU)

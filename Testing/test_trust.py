@@ -254,6 +254,26 @@ def test_a_cached_record_of_an_older_format_is_made_again(tmp_path):
     assert cached_record(path, make)["dice"] == {"1": 0.5} and len(made) == 2
 
 
+def test_a_cached_record_made_with_other_settings_is_made_again(tmp_path):
+    """A record made without a foreground threshold (absent key = None) serves only a run without one."""
+    from MultiTaskSegTraining.trust_records import RECORD_VERSION, cached_record
+
+    path = tmp_path / "fit" / "case.json"
+    made = []
+
+    def make(threshold):
+        made.append(threshold)
+        return {"version": RECORD_VERSION, "foreground_threshold": threshold}
+
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": RECORD_VERSION}))  # before the setting existed
+    assert "foreground_threshold" not in cached_record(path, lambda: make(None), {"foreground_threshold": None})
+    assert cached_record(path, lambda: make(0.05), {"foreground_threshold": 0.05})["foreground_threshold"] == 0.05
+    assert cached_record(path, lambda: make(0.05), {"foreground_threshold": 0.05}) and made == [0.05]
+    assert cached_record(path, lambda: make(None), {"foreground_threshold": None})["foreground_threshold"] is None
+    assert made == [0.05, None]
+
+
 def _with_head(recs: list[dict], confidence: np.ndarray, n_contexts: int) -> list[dict]:
     """The records as the network saw them: recognised their own context with this confidence."""
     for r, c in zip(recs, confidence):
@@ -286,3 +306,20 @@ def test_a_small_less_confident_context_gets_its_own_threshold():
     assert np.mean(loo[300:] > own.threshold) <= 0.1  # its own fit cases, left out one at a time
     # an outlier recognised as the small context is still caught
     assert own.score(np.full(6, 12.0), 1, 0.95).is_ood
+
+
+def test_finalise_foreground_threshold_option():
+    """`mtseg finalise --foreground-threshold`: a number or 'none' (every voxel); not given keeps the bundle's."""
+    import argparse
+
+    from MultiTaskSegTraining.finalise_cmd import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--bundle", "b", "--data", "d", "-o", "o"]
+    assert parser.parse_args(base).foreground_threshold is None  # keep the bundle's
+    assert parser.parse_args(base + ["--foreground-threshold", "0.05"]).foreground_threshold == (0.05,)
+    assert parser.parse_args(base + ["--foreground-threshold", "none"]).foreground_threshold == (None,)
+    for bad in ("-1", "abc"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--foreground-threshold", bad])

@@ -1,7 +1,8 @@
 """The trust benchmark's CI subset and `mtseg finalise` on real data (the shipped bundle, ../shared/data).
 
-Two small contexts (CardiacCineMR, LeftAtriumMR), two fit cases each (clean + one artefact),
-two test cases, one corrupted test case per artefact type, one far and one near OOD volume.
+Two small contexts (CardiacCineMR, LeftAtriumMR), two fit cases each (clean, one artefact, one other
+field of view), two test cases (clean, one other field of view), one corrupted test case per artefact
+type, one far and one near OOD volume.
 The full run is `mtseg trust` without --ci (docs/RESULTS.md, *Trust*).
 """
 
@@ -56,7 +57,10 @@ def test_ci_benchmark_writes_every_table(bench):
     t = json.loads((bench / "trust.json").read_text())
     assert t["families"]["id"] == 4 and t["families"]["ood_far"] == 1 and t["families"]["ood_near"] == 1
     assert t["families"]["shift"] == 4 and t["families"]["fit"] == 4 and t["families"]["fit_shift"] == 4
+    assert t["families"]["fit_fov"] == 4 and t["families"]["id_fov"] == 4  # field-of-view variants
+    assert set(t["false_alarms"]["id_fov"]) == {"CardiacCineMR", "LeftAtriumMR"}
     far = t["ood_vs_test"]["far"]
+    assert set(t["ood_vs_test_and_reframed"]["far"]) == set(far)
     assert set(far) >= {RECORDED, SHIPPED, "1-context_confidence", "1-expected_dice", "size_control"}
     assert all(0.0 <= v["auroc"] <= 1.0 for v in far.values())
     f = t["failure"]
@@ -65,7 +69,7 @@ def test_ci_benchmark_writes_every_table(bench):
     assert set(t["false_alarms"]["id"]) == {"CardiacCineMR", "LeftAtriumMR"}
     assert (bench / "trust_roc.png").is_file() and (bench / "trust_risk_coverage.png").is_file()
     # a rerun reads every record from the cache
-    assert len(list((bench / "records").rglob("*.json"))) == 18
+    assert len(list((bench / "records").rglob("*.json"))) == 26
 
 
 @pytest.mark.slow
@@ -85,6 +89,7 @@ def test_finalise_refits_the_shipped_weights_and_predict_reports_quality(bench, 
     assert new.meta["ood"]["detector"] == "spectral-ctx-recognised+confidence" and new.quality_model() is not None
     assert set(new.meta["ood"]["combination"]) == {"spectral", "confidence"}
     assert (out / "MODEL_CARD.md").is_file()
+    assert new.window.foreground_threshold == old.window.foreground_threshold  # not given: the bundle's own
     case = SHARED_DATA / "LeftAtriumMR" / "imagesTr" / "la_VDOF02M8ZHEAADFMS6NP.nii.gz"
     report = Predictor(new, "cpu").predict(sitk.ReadImage(str(case))).report()
     assert 0.0 <= report["quality"]["expected_dice"] <= 1.0

@@ -127,15 +127,19 @@ class PreprocessingBlock:
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessingBlock:
         window = WindowConfig(tuple(d["patch_size"]), float(d["overlap"]), int(d.get("batch_size", 2)))
+        window.foreground_threshold = d.get("foreground_threshold")  # absent before it existed: every voxel
         return cls(PreprocessingConfig.from_dict(d), window)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             **self.config.to_dict(),
             "patch_size": list(self.window.patch_size),
             "overlap": self.window.overlap,
             "batch_size": self.window.batch_size,
         }
+        if self.window.foreground_threshold is not None:
+            out["foreground_threshold"] = self.window.foreground_threshold
+        return out
 
 
 @dataclass

@@ -39,6 +39,11 @@ class WindowConfig:
     # gives the same output wherever it lies: run it once and reuse it. Off for callers that hook
     # every forward pass; always off while dropout is stochastic (each window needs its own sample).
     reuse_constant_windows: bool = True
+    # The context head's window logits are averaged with each window's share of voxels whose normalised
+    # intensity exceeds this as its weight: a window of air or zero padding then has no say in which context
+    # the image shows, however much of it the field of view holds. None (bundles before it): a plain mean.
+    # (Counting only such voxels in the OOD Gram matrices too was measured and gained nothing: docs/RESULTS.md.)
+    foreground_threshold: float | None = None
 
     def to_dict(self) -> dict:
         return {"patch_size": list(self.patch_size), "overlap": self.overlap, "batch_size": self.batch_size}
@@ -174,6 +179,15 @@ def _constant_windows(image: torch.Tensor, slices: list[tuple]) -> dict[int, flo
     return constant
 
 
+def _foreground(image: torch.Tensor, crop: tuple[slice, ...], threshold: float | None) -> torch.Tensor | None:
+    """The voxels above ``threshold`` (float 0/1), or None: no threshold, or no image voxel above it (then
+    every window counts alike, rather than none)."""
+    if threshold is None:
+        return None
+    mask = (image > threshold).float()
+    return mask if bool(mask[crop].any()) else None
+
+
 def _pad_to(array: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
     pads = [max(p - s, 0) for s, p in zip(array.shape, patch)]
     if not any(pads):
@@ -214,6 +228,7 @@ def sliding_window(
         share = torch.zeros(shape, dtype=torch.float32, device=device)
         share[crop] = 1.0
         share /= weight
+    foreground = _foreground(image, crop, config.foreground_threshold)
 
     constant = {}
     if config.reuse_constant_windows and not _dropout_active(model):
@@ -241,7 +256,12 @@ def sliding_window(
             t = time.perf_counter()
             grams, weights = _gram_terms(feats, torch.stack([gauss * share[sl] for sl in sls])[:, None], taps)
             seconds = time.perf_counter() - t
-        context = feats["context"].float().sum(0) if "context" in feats else None
+        context = None
+        if "context" in feats:  # (Σ w·logits, Σ w) over the batch's windows
+            w = torch.ones(len(sls), device=device)
+            if foreground is not None:
+                w = torch.stack([foreground[sl].float().mean() for sl in sls])
+            context = ((feats["context"].float() * w[:, None]).sum(0), w.sum())
         return sls, out, grams, weights, context, seconds
 
     grams: dict[str, torch.Tensor] = {}
@@ -257,7 +277,9 @@ def sliding_window(
                 grams[name] = grams.get(name, 0) + batch_grams[name]
                 gram_weight[name] = gram_weight.get(name, 0) + batch_weights[name]
             if context is not None:
-                context_sum = context if context_sum is None else context_sum + context
+                context_sum = (
+                    context if context_sum is None else (context_sum[0] + context[0], context_sum[1] + context[1])
+                )
             gram_s += seconds
             for k, sl in enumerate(sls):
                 logits[(slice(None),) + sl] += out[k]  # already weighted by the Gaussian
@@ -267,5 +289,5 @@ def sliding_window(
     logits /= weight
     logits = logits[(slice(None),) + crop].float().cpu()
     gram = {k: (v / gram_weight[k]).double().cpu().numpy() for k, v in grams.items()}
-    context = None if context_sum is None else (context_sum / len(slices)).cpu().numpy()
+    context = None if context_sum is None else (context_sum[0] / context_sum[1]).cpu().numpy()
     return WindowResult(logits, gram, context, len(slices), gram_s, len(constant))

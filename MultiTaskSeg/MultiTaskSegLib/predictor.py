@@ -104,7 +104,12 @@ class Predictor:
     # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
     def window_config(self, options: PredictOptions) -> WindowConfig:
         return WindowConfig(
-            self.window.patch_size, self.window.overlap, self.window.batch_size, options.tta, options.cpu_bf16
+            self.window.patch_size,
+            self.window.overlap,
+            self.window.batch_size,
+            options.tta,
+            options.cpu_bf16,
+            foreground_threshold=self.window.foreground_threshold,
         )
 
     def network_pass(
