@@ -44,9 +44,11 @@ def test_joint_training_writes_a_bundle_that_predict_uses(trained, datasets, tmp
     assert meta["training"]["steps"] == 6
     assert meta["calibration"]["temperature"] > 0
     det = bundle.detector()
-    # the end of training runs mtseg finalise's fit: per-context detector on up to 4 train+val cases per context
+    # the end of training runs mtseg finalise's fit: per-context detector on up to 4 train+val cases per context,
+    # each as it is and reframed (another field of view) among the references
     fit = sum(min(4, len(v["train"]) + len(v["val"])) for v in meta["training"]["split"].values())
-    assert det.signatures.shape[0] == fit
+    assert det.signatures.shape[0] == 2 * fit
+    assert len(set(det.case_ids)) == fit  # a reframed copy counts as its case (left out with it)
     assert meta["ood"]["detector"] == "spectral-ctx-recognised+confidence" and meta["ood"]["threshold"] > 0
     assert meta["quality"]["fitted_on"].startswith(f"{fit} train/val cases")
     image = sorted((datasets[0] / "imagesTr").iterdir())[0]

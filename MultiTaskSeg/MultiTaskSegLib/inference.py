@@ -180,11 +180,11 @@ def _constant_windows(image: torch.Tensor, slices: list[tuple]) -> dict[int, flo
 
 
 def _foreground(image: torch.Tensor, crop: tuple[slice, ...], threshold: float | None) -> torch.Tensor | None:
-    """The voxels above ``threshold`` (float 0/1), or None: no threshold, or no image voxel above it (then
+    """The voxels above ``threshold`` (a bool mask), or None: no threshold, or no image voxel above it (then
     every window counts alike, rather than none)."""
     if threshold is None:
         return None
-    mask = (image > threshold).float()
+    mask = image > threshold
     return mask if bool(mask[crop].any()) else None
 
 
