@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the context head's window logits count by each window's share of voxels above this normalised "
         "intensity (none: a plain mean over windows); default: the bundle's own",
     )
-    p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<weights sha>)")
+    p.add_argument("--records", help="record cache (default ~/.cache/multitaskseg/trust/<sha of weights and settings>)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu"])
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already at --output")
 
