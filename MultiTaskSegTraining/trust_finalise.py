@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence, cast
 
-import numpy as np
 from safetensors.torch import load_file
 
 from MultiTaskSegLib.bundle import META_FILE, MODEL_FILE, SIGNATURES_FILE, load_bundle, save_bundle
@@ -31,7 +30,7 @@ from MultiTaskSegLib.predictor import Predictor
 
 from .config import DEFAULT_TRUST_FIT_CASES
 from .trust_bench import Plan, run_all, work_list
-from .trust_fit import fit_detector, fit_quality, log_volume_stats, loo_scores
+from .trust_fit import fit_detector, fit_detector_quality
 from .trust_records import RECORD_VERSION
 from .trust_report import DEFAULT_LAYERS, LAYER_SETS
 
@@ -80,16 +79,8 @@ def refit_trust(
     fit_fov = [r for r in records if r["family"] == "fit_fov"]
     layers = list(layers or bundle.schema.ood.layers or LAYER_SETS[DEFAULT_LAYERS])  # default: the run's ood_layers
     det, loo = fit_detector(fit + fit_fov, layers, bundle.context_names)
-    loo = loo[: len(fit)]  # the quality model learns from the clean cases and their artefacts
-    names, context_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
-    quality = fit_quality(
-        fit + fit_shift,
-        np.concatenate([loo, loo_scores(det, fit_shift)]),
-        det.threshold,
-        log_volume_stats(fit, names),
-        names,
-        context_labels,
-        fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
+    quality = fit_detector_quality(
+        det, loo, fit, fit_shift, bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
     )
     ood = OodBlock(
         detector=det.name.split(":")[0],

@@ -221,3 +221,25 @@ def fit_quality(
     model.coef, model.intercept = [float(v) for v in w[:-1]], float(w[-1])
     model.mean, model.scale = [float(v) for v in mean], [float(v) for v in scale]
     return model
+
+
+def fit_detector_quality(
+    det: SpectralDetector,
+    loo_refs: np.ndarray,
+    fit: Sequence[dict],
+    fit_shift: Sequence[dict],
+    names: dict[int, str],
+    context_labels: list[list[int]],
+) -> QualityModel:
+    """The quality model that goes with a detector fitted on ``fit`` (first) and any further references
+    (``loo_refs``: their leave-one-patient-out scores, in that order): learnt from the clean fit cases and their
+    corrupted variants only; reframed references are not cases whose Dice it could learn."""
+    return fit_quality(
+        list(fit) + list(fit_shift),
+        np.concatenate([loo_refs[: len(fit)], loo_scores(det, fit_shift)]),
+        det.threshold,
+        log_volume_stats(fit, names),
+        names,
+        context_labels,
+        fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
+    )

@@ -21,7 +21,7 @@ from MultiTaskSegLib.bundle import Bundle
 
 from .evaluate_metrics import json_clean
 from .ood_baselines import SizeControlDetector
-from .trust_fit import case_dice, case_of, fit_detector, fit_quality, log_volume_stats, loo_scores, record_scores
+from .trust_fit import case_dice, case_of, fit_detector, fit_detector_quality, loo_scores, record_scores
 from .trust_metrics import failure_table, ood_table, risk_coverage
 
 LAYER_SETS = {
@@ -122,18 +122,7 @@ def analyse(bundle: Bundle, records: list[dict]) -> tuple[dict, dict]:
         scores[name] = record_scores(det, rest)
     tables_selection = _selection(detectors, fit, fit_shift, rest, fam, clean)
     det, loo_refs = detectors[SHIPPED]
-    loo_fit = loo_refs[: len(fit)]
-    loo_shift = loo_scores(det, fit_shift)
-    volume = log_volume_stats(fit, names)
-    quality = fit_quality(
-        fit + fit_shift,
-        np.concatenate([loo_fit, loo_shift]),
-        det.threshold,
-        volume,
-        names,
-        context_labels,
-        fitted_on=f"{len(fit)} train/val cases + {len(fit_shift)} corrupted variants",
-    )
+    quality = fit_detector_quality(det, loo_refs, fit, fit_shift, names, context_labels)
     main = scores[SHIPPED]
     signals = [record_signals(r, s, det.threshold, quality, context_labels, names) for r, s in zip(rest, main)]
     for k in signals[0]:
