@@ -126,8 +126,12 @@ class PreprocessingBlock:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessingBlock:
-        window = WindowConfig(tuple(d["patch_size"]), float(d["overlap"]), int(d.get("batch_size", 2)))
-        window.foreground_threshold = d.get("foreground_threshold")  # absent before it existed: every voxel
+        window = WindowConfig(
+            tuple(d["patch_size"]),
+            float(d["overlap"]),
+            int(d.get("batch_size", 2)),
+            foreground_threshold=d.get("foreground_threshold"),  # absent before it existed: a plain mean
+        )
         return cls(PreprocessingConfig.from_dict(d), window)
 
     def to_dict(self) -> dict:

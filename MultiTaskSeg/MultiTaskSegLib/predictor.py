@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -103,14 +103,8 @@ class Predictor:
 
     # --- the stages predict() chains; public so evaluation runs exactly the same steps --------
     def window_config(self, options: PredictOptions) -> WindowConfig:
-        return WindowConfig(
-            self.window.patch_size,
-            self.window.overlap,
-            self.window.batch_size,
-            options.tta,
-            options.cpu_bf16,
-            foreground_threshold=self.window.foreground_threshold,
-        )
+        # the bundle's window with this call's options: every other setting of the bundle travels along
+        return replace(self.window, tta_flips=options.tta, cpu_bf16=options.cpu_bf16)
 
     def network_pass(
         self,
