@@ -155,10 +155,11 @@ def run_all(predictor: Predictor, jobs: list[Job], records_dir: Path, log=print)
     """Every job's record, from the cache when present."""
     out = []
     t0 = time.perf_counter()
+    settings = record_settings(predictor)
     for i, job in enumerate(jobs):
         path = records_dir / f"{job.key}.json"
         fresh = not path.is_file()
-        rec = cached_record(path, lambda job=job: run_job(predictor, job), record_settings(predictor))
+        rec = cached_record(path, lambda job=job: run_job(predictor, job), settings)
         out.append(rec)
         if fresh:
             d = rec.get("dice") or {}
