@@ -2,6 +2,7 @@
 """Train and evaluate the comparison arms of docs/RESULTS.md: joint vs dedicated vs transfer.
 
     python scripts/experiments.py --data-root ../shared/data --out runs/arms [--stage train|evaluate|all]
+        [--arms joint pretrain_without_LeftAtriumMR transfer_LeftAtriumMR ...]
 
 Every arm uses configs/arms.yaml (same architecture, budget and seeded split). Transfer =
 pre-train on the other datasets for the same budget, then fine-tune the whole network on the
@@ -51,9 +52,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "arms")
     ap.add_argument("--stage", choices=["train", "evaluate", "all"], default="all")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "arms.yaml")
+    ap.add_argument("--arms", nargs="+", metavar="NAME", help="run only these arms, in the script's order")
     args = ap.parse_args()
+    known = [name for name, _, _ in arms(args.data_root.resolve())]
+    unknown = sorted(set(args.arms or []) - set(known))
+    if unknown:
+        sys.exit(f"unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(known)}")
     args.out.mkdir(parents=True, exist_ok=True)
     for name, data, extra in arms(args.data_root.resolve()):
+        if args.arms and name not in args.arms:
+            continue
+        untrained = not (args.out / name / "bundle.json").exists()
+        if untrained and "init" in extra and not (args.out / extra["init"] / "bundle.json").exists():
+            sys.exit(f"{name} needs {extra['init']} first: add it to --arms")
         bundle = args.out / name
         log = args.out / f"{name}.log"
         if args.stage in ("train", "all") and not (bundle / "bundle.json").exists():
