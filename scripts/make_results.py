@@ -5,6 +5,11 @@
 
 Inputs: `mtseg evaluate` outputs of the comparison arms (scripts/experiments.py) and of the
 shipped default model; it also draws one example figure per context with the default model.
+
+The small files it reads (each evaluation's metrics.json, each arm's validation.jsonl) are copied
+into results/ (committed), and read from there when a run directory is gone: runs/ and evaluation/
+are not committed and do not survive a fresh checkout, the numbers behind this page must. A context
+whose dedicated arm is in neither place keeps its rows from the previous version of the page, marked.
 """
 
 from __future__ import annotations
@@ -17,12 +22,66 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE = ROOT / "results"
+MARK = " †"  # marks table rows kept from the previous page
 DATASETS = ["CardiacCineMR", "LeftAtriumMR", "AbdomenCT", "BrainTumorMR", "BrainStructuresMR"]
 
 
 def load(path: Path) -> dict | None:
     f = path / "metrics.json"
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
+
+
+def archive(src: Path, dst: Path, patterns: list[str]) -> Path:
+    """Copy the files matching ``patterns`` under ``src`` into ``dst`` (same relative paths); return ``dst``."""
+    for pattern in patterns:
+        for f in sorted(src.glob(pattern)) if src.is_dir() else []:
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+    return dst
+
+
+def page_rows(page: Path, section: str, first_cells: list[str], columns: int) -> list[str]:
+    """Rows of a ``columns``-column table in ``section`` (a heading prefix such as "## 1.") of the current
+    page whose first cells are ``first_cells``, with the first cell marked as kept."""
+    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
+    start = next((i for i, l in enumerate(lines) if l.startswith(section)), len(lines))
+    end = next((i for i, l in enumerate(lines[start + 1 :], start + 1) if l.startswith("## ")), len(lines))
+    rows = []
+    for line in lines[start:end]:
+        cells = line.split("|")
+        if len(cells) != columns + 2:
+            continue
+        key = [c.strip().removesuffix(MARK.strip()).strip() for c in cells[1 : 1 + len(first_cells)]]
+        if key == first_cells:
+            cells[1] = f" {key[0]}{MARK} "
+            rows.append("|".join(cells))
+    return rows
+
+
+def kept_footnote(rows: list[str]) -> list[str]:
+    if not any(MARK in r for r in rows):
+        return []
+    return [
+        "",
+        f"{MARK.strip()} kept from the previous version of this page: the run behind it has no results in results/ "
+        "(the commands under *How to regenerate* rerun it).",
+    ]
+
+
+def page_section(page: Path, heading: str) -> list[str]:
+    """The section of the current page that starts with ``heading`` (up to the next "## "), with a kept note."""
+    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
+    start = next((i for i, l in enumerate(lines) if l.startswith(heading)), None)
+    if start is None:
+        return []
+    end = next((i for i, l in enumerate(lines[start + 1 :], start + 1) if l.startswith("## ")), len(lines))
+    note = "*Kept from the previous version of this page: the default model's metrics.json is not in results/default/.*"
+    body = [l for l in lines[start + 1 : end] if l != note]
+    while body and not body[0]:
+        body = body[1:]
+    return [lines[start], "", note, "", *body]
 
 
 def fmt(x, digits=3) -> str:
@@ -58,9 +117,9 @@ def arm_structures(m: dict | None, ctx: str) -> dict:
     return (m or {}).get("contexts", {}).get(ctx, {}).get("structures", {})
 
 
-def comparison_section(arms: Path) -> tuple[list[str], dict]:
+def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
     import yaml
-    from arms_curves import curves, plot, table
+    from arms_curves import TARGETS, curves, plot, table
 
     cfg = yaml.safe_load((ROOT / "configs" / "arms.yaml").read_text(encoding="utf-8"))
     joint = load(arms / "joint_eval")
@@ -86,6 +145,8 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
     for ctx in DATASETS:
         ded = load(arms / f"dedicated_{ctx}_eval")
         tra = load(arms / f"transfer_{ctx}_eval")
+        if ded is None:  # not rerun since its per-case data was lost: the page's rows, marked
+            out += page_rows(page, "## 1.", [ctx], 9)
         js = (joint or {}).get("contexts", {}).get(ctx, {})
         for name, d in arm_structures(ded, ctx).items() or {}:
             jr = js.get("dice_restricted", {}).get(name)
@@ -105,12 +166,13 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
             if t and t["dice"]["mean"] is not None and dd is not None:
                 wins["transfer>dedicated" if t["dice"]["mean"] > dd else "dedicated>transfer"] += 1
             summary[(ctx, name)] = (dj, dd, t["dice"]["mean"] if t else None)
+    out += kept_footnote(out)
     out += [
         "",
         f"Joint (restricted) beats dedicated on **{wins['joint>dedicated']}** of "
         f"{wins['joint>dedicated'] + wins['dedicated>joint']} structures; transfer beats dedicated on "
         f"**{wins['transfer>dedicated']}** of {wins['transfer>dedicated'] + wins['dedicated>transfer']} "
-        "structures where it was run.",
+        "structures where it was run (rows regenerated from results/ only).",
         "",
     ]
     if joint:
@@ -137,7 +199,8 @@ def comparison_section(arms: Path) -> tuple[list[str], dict]:
             "",
             "![validation curves of the arms](figures/arms_validation.png)",
             "",
-            *table(data),
+            *(rows := table(data) + [r for c in TARGETS if c not in data for r in page_rows(page, "## 1.", [c], 3)]),
+            *kept_footnote(rows),
             "",
         ]
     return out, summary
@@ -161,7 +224,9 @@ def kept_arms_sections(page: Path, arms: Path) -> tuple[list[str], list[str]]:
     return section, rows
 
 
-def calibration_section(arms: Path, default: dict | None, kept_rows: list[str] | None = None) -> list[str]:
+def calibration_section(
+    arms: Path, default: dict | None, kept_rows: list[str] | None = None, page: Path | None = None
+) -> list[str]:
     out = [
         "## 2. Calibration (test split)",
         "",
@@ -174,11 +239,14 @@ def calibration_section(arms: Path, default: dict | None, kept_rows: list[str] |
         "|---|---|---|---|---|---|---|---|---|",
     ]
     out += kept_rows or []
-    sources = [("joint arm", load(arms / "joint_eval"), None)]
+    # the page's rows stand in for a dedicated arm or default evaluation not rerun since its data was lost
+    sources: list[tuple[str, dict | None, str | None]] = [("joint arm", load(arms / "joint_eval"), None)]
     sources += [("dedicated arm", load(arms / f"dedicated_{c}_eval"), c) for c in DATASETS]
     sources += [("shipped default", default, None)]
     for label, m, only in sources:
         if not m:
+            if page and (label == "shipped default" or (label == "dedicated arm" and not kept_rows)):
+                out += page_rows(page, "## 2.", [label, only] if only else [label], 9)
             continue
         for ctx, c in m["contexts"].items():
             if only and ctx != only:
@@ -195,6 +263,7 @@ def calibration_section(arms: Path, default: dict | None, kept_rows: list[str] |
                 f"{fmt(mean(before, 'mce'))} | {fmt(mean(after, 'mce'))} | {fmt(mean(before, 'ece_boundary'))} | "
                 f"{fmt(mean(after, 'ece_boundary'))} | {fmt(m['temperature'])} |"
             )
+    out += kept_footnote(out)
     out += ["", "Reliability diagrams of the shipped model: `docs/figures/reliability_<context>.png`.", ""]
     return out
 
@@ -321,7 +390,9 @@ def main() -> None:
     args = ap.parse_args()
     figures = args.out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    default = load(args.default)
+    # read from the committed copies in results/, refreshed from the run directories where they exist
+    args.arms = archive(args.arms, ARCHIVE / "arms", ["*_eval/metrics.json", "*_work/validation.jsonl"])
+    default = load(archive(args.default, ARCHIVE / "default", ["metrics.json"]))
     if default:
         for plot in default.get("plots", []):
             src = args.default / plot
@@ -340,12 +411,15 @@ def main() -> None:
         "",
     ]
     if (args.arms / "joint_eval" / "metrics.json").exists():
-        comp, _ = comparison_section(args.arms)
+        comp, _ = comparison_section(args.arms, args.out)
         arm_rows: list[str] = []
     else:  # the arms' evaluations are not here: keep their section and calibration rows from this page
         comp, arm_rows = kept_arms_sections(args.out, args.arms)
-    body = head + comp + calibration_section(args.arms, default, arm_rows) + ood_section(default)
-    body += default_section(default)
+    body = head + comp + calibration_section(args.arms, default, arm_rows, args.out)
+    if default:
+        body += ood_section(default) + default_section(default)
+    else:  # the default model's evaluation is neither in --default nor in results/: keep sections 3 and 4
+        body += page_section(args.out, "## 3.") + page_section(args.out, "## 4.")
     for extra in ("results_notes.md", "results_trust.md"):  # hand-written sections (trust: from `mtseg trust`)
         notes = Path(__file__).with_name(extra)
         if notes.exists():
