@@ -53,7 +53,7 @@ def test_archive_copies_matching_files_with_their_paths(tmp_path: Path) -> None:
 
 def test_page_rows_pick_one_table_and_mark_once(tmp_path: Path) -> None:
     page = tmp_path / "RESULTS.md"
-    page.write_text(PAGE)
+    page.write_text(PAGE, encoding="utf-8")
     rows = make_results.page_rows(page, "## 1.", ["CardiacCineMR"], 9)
     assert rows == ["| CardiacCineMR † | right ventricle | 0.6 | 0.7 | not run | 49 | 75 | – | 0.03 |"]
     assert make_results.page_rows(page, "## 1.", ["CardiacCineMR"], 3) == ["| CardiacCineMR † | joint | 3000: 0.584 |"]
@@ -62,7 +62,7 @@ def test_page_rows_pick_one_table_and_mark_once(tmp_path: Path) -> None:
     )
     assert make_results.page_rows(page, "## 2.", ["dedicated arm", "LeftAtriumMR"], 9) == []
     # a page that already carries the mark keeps one mark
-    page.write_text(PAGE.replace("| CardiacCineMR | right", "| CardiacCineMR † | right"))
+    page.write_text(PAGE.replace("| CardiacCineMR | right", "| CardiacCineMR † | right"), encoding="utf-8")
     assert make_results.page_rows(page, "## 1.", ["CardiacCineMR"], 9)[0].startswith("| CardiacCineMR † | right")
     assert make_results.kept_footnote(rows)[1].startswith("† kept")
     assert make_results.kept_footnote(["| LeftAtriumMR | left atrium |"]) == []
@@ -70,9 +70,9 @@ def test_page_rows_pick_one_table_and_mark_once(tmp_path: Path) -> None:
 
 def test_page_section_is_kept_with_one_note(tmp_path: Path) -> None:
     page = tmp_path / "RESULTS.md"
-    page.write_text(PAGE)
+    page.write_text(PAGE, encoding="utf-8")
     first = make_results.page_section(page, "## 3.")
     assert first[0] == "## 3. OOD" and "text of section 3" in first and first[2].startswith("*Kept")
-    page.write_text("\n".join(first) + "\n")
+    page.write_text("\n".join(first) + "\n", encoding="utf-8")
     assert make_results.page_section(page, "## 3.") == first
     assert make_results.page_section(page, "## 9.") == []
