@@ -54,18 +54,18 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "arms.yaml")
     ap.add_argument("--arms", nargs="+", metavar="NAME", help="run only these arms, in the script's order")
     args = ap.parse_args()
-    known = [name for name, _, _ in arms(args.data_root.resolve())]
-    unknown = sorted(set(args.arms or []) - set(known))
+    all_arms = arms(args.data_root.resolve())
+    unknown = sorted(set(args.arms or []) - {name for name, _, _ in all_arms})
     if unknown:
-        sys.exit(f"unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(known)}")
+        sys.exit(f"unknown arm(s) {', '.join(unknown)}; the arms are: {', '.join(n for n, _, _ in all_arms)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, data, extra in arms(args.data_root.resolve()):
+    for name, data, extra in all_arms:
         if args.arms and name not in args.arms:
             continue
-        untrained = not (args.out / name / "bundle.json").exists()
+        bundle = args.out / name
+        untrained = not (bundle / "bundle.json").exists()
         if untrained and "init" in extra and not (args.out / extra["init"] / "bundle.json").exists():
             sys.exit(f"{name} needs {extra['init']} first: add it to --arms")
-        bundle = args.out / name
         log = args.out / f"{name}.log"
         if args.stage in ("train", "all") and not (bundle / "bundle.json").exists():
             cmd = MTSEG + [

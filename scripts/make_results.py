@@ -42,14 +42,19 @@ def archive(src: Path, dst: Path, patterns: list[str]) -> Path:
     return dst
 
 
+def section_lines(page: Path, heading: str) -> list[str]:
+    """The lines of the current page from the heading that starts with ``heading`` up to the next "## "."""
+    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
+    start = next((i for i, l in enumerate(lines) if l.startswith(heading)), len(lines))
+    end = next((i for i, l in enumerate(lines[start + 1 :], start + 1) if l.startswith("## ")), len(lines))
+    return lines[start:end]
+
+
 def page_rows(page: Path, section: str, first_cells: list[str], columns: int) -> list[str]:
     """Rows of a ``columns``-column table in ``section`` (a heading prefix such as "## 1.") of the current
     page whose first cells are ``first_cells``, with the first cell marked as kept."""
-    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
-    start = next((i for i, l in enumerate(lines) if l.startswith(section)), len(lines))
-    end = next((i for i, l in enumerate(lines[start + 1 :], start + 1) if l.startswith("## ")), len(lines))
     rows = []
-    for line in lines[start:end]:
+    for line in section_lines(page, section):
         cells = line.split("|")
         if len(cells) != columns + 2:
             continue
@@ -72,16 +77,14 @@ def kept_footnote(rows: list[str]) -> list[str]:
 
 def page_section(page: Path, heading: str) -> list[str]:
     """The section of the current page that starts with ``heading`` (up to the next "## "), with a kept note."""
-    lines = page.read_text(encoding="utf-8").splitlines() if page.exists() else []
-    start = next((i for i, l in enumerate(lines) if l.startswith(heading)), None)
-    if start is None:
+    lines = section_lines(page, heading)
+    if not lines:
         return []
-    end = next((i for i, l in enumerate(lines[start + 1 :], start + 1) if l.startswith("## ")), len(lines))
     note = "*Kept from the previous version of this page: the default model's metrics.json is not in results/default/.*"
-    body = [l for l in lines[start + 1 : end] if l != note]
+    body = [l for l in lines[1:] if l != note]
     while body and not body[0]:
         body = body[1:]
-    return [lines[start], "", note, "", *body]
+    return [lines[0], "", note, "", *body]
 
 
 def fmt(x, digits=3) -> str:
