@@ -43,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-bf16",
         action="store_true",
-        help="bf16 arithmetic on CPU: about 2× faster on CPUs with AMX/AVX512-BF16, outputs differ "
-        "slightly from the default full precision (see BENCHMARKS.md)",
+        help="bf16 arithmetic on CPU with PyTorch's standard layers; on the benchmark CPU (AMX-BF16) it is "
+        "slower than the default fp32 kernels, and its outputs differ slightly (see BENCHMARKS.md)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
     p.add_argument("--png", action="store_true", help="also write <case>_overlay.png: a slice with both overlays")

@@ -34,7 +34,7 @@ class WindowConfig:
     overlap: float = 0.5
     batch_size: int = 2
     tta_flips: bool = False
-    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU (AMX/AVX512-BF16): faster, outputs differ slightly
+    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU (AMX/AVX512-BF16): outputs differ slightly
     # A window whose input is one constant value (air clipped to 0 in CT, zero-filled MR background)
     # gives the same output wherever it lies: run it once and reuse it. Off for callers that hook
     # every forward pass; always off while dropout is stochastic (each window needs its own sample).
@@ -78,8 +78,9 @@ def select_device(requested: str = "auto") -> torch.device:
 def autocast_context(device: torch.device, cpu_bf16: bool = False):
     """bf16 (or fp16 where bf16 is unsupported) on CUDA; full precision on CPU unless ``cpu_bf16``.
 
-    CPU bf16 is opt-in: about 2× faster on CPUs with AMX / AVX512-BF16, but its logits and
-    feature spectra differ from the full-precision ones (|Δlogit| ~ 1e-2) that the training
+    CPU bf16 is opt-in: it runs PyTorch's standard layers in bf16, 0.95–1.7× the speed of those in fp32 on
+    AMX / AVX512-BF16 but slower than the default fp32 CPU kernels (fast_inference.py; BENCHMARKS.md), and
+    its logits and feature spectra differ from the full-precision ones (|Δlogit| ~ 1e-2) that the training
     signatures were computed with.
     """
     if device.type == "cuda":

@@ -45,7 +45,7 @@ class PredictOptions:
     modality: str | None = None  # 'CT' / 'MR' to override detection
     restrict_to_context: bool | None = None  # None = the bundle's default
     cpu_bf16: bool = (
-        False  # opt-in bf16 autocast on CPU: ~2× faster where AMX/AVX512-BF16 exist, slightly different outputs
+        False  # opt-in bf16 autocast on CPU: slower than the default fp32 kernels here, slightly different outputs
     )
 
 
