@@ -52,19 +52,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def collect_cases(inputs: list[str]) -> list[tuple[str, Path]]:
-    """(case name, path) for every input; a folder is a DICOM series or holds volume files."""
+    """(case name, path) for every input; a folder is a DICOM series or holds volume files.
+
+    In a folder, the outputs of an earlier run (``<case>_seg`` and ``<case>_uncertainty`` beside their
+    ``<case>.json`` report) are skipped with a notice: segmenting a segmentation helps no one, and a
+    folder predicted into once (``-o`` = the input folder) would otherwise double its cases on every run.
+    """
     cases = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if is_volume_file(f))
+            earlier = [f for f in files if is_earlier_output(f)]
+            if earlier:
+                print(
+                    f"{path}: skipping {len(earlier)} file(s) written by an earlier `mtseg predict` "
+                    f"(e.g. {earlier[0].name}); give such a file by its path to segment it anyway",
+                    file=sys.stderr,
+                )
+            files = [f for f in files if f not in earlier]
             if files:
                 cases += [(case_name(f), f) for f in files]
+            elif earlier:
+                raise MultiTaskSegError(f"{path}: holds only outputs of an earlier `mtseg predict`, no input volume")
             else:  # maybe a DICOM series; read_volume says so clearly if not
                 cases.append((path.name, path))
         else:
             cases.append((case_name(path), path))
     return cases
+
+
+def is_earlier_output(path: Path) -> bool:
+    """``<case>_seg.*`` or ``<case>_uncertainty.*`` with the report ``<case>.json`` of that run beside it."""
+    name = case_name(path)
+    for suffix in ("_seg", "_uncertainty"):
+        if name.endswith(suffix) and output_paths(path.parent, name[: -len(suffix)])["report"].exists():
+            return True
+    return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -269,6 +269,30 @@ def test_nothing_is_overwritten_without_overwrite(capsys, untrained_bundle, ct_f
     check_outputs(out, "ct_case", ct_file[1], untrained_bundle)
 
 
+def test_a_folder_predicted_into_is_not_segmented_twice(capsys, untrained_bundle, tmp_path):
+    folder = tmp_path / "cases"
+    image, _ = phantoms.ct_phantom(*SMALL, seed=28)
+    phantoms.write(image, folder / "case.nii.gz")
+    rc, err = predict(capsys, untrained_bundle.path, folder, out=folder)  # outputs land beside the input
+    assert rc == 0, err
+    rc, err = predict(capsys, untrained_bundle.path, folder, out=tmp_path / "again")
+    assert rc == 0, err
+    assert "skipping 2 file(s) written by an earlier `mtseg predict`" in err
+    assert sorted(f.name for f in (tmp_path / "again").iterdir()) == [
+        "case.json",
+        "case_seg.nii.gz",
+        "case_uncertainty.nii.gz",
+    ]
+    # given by its path, an output is an input like any other (the user asked for it)
+    rc, err = predict(capsys, untrained_bundle.path, folder / "case_seg.nii.gz", out=tmp_path / "seg")
+    assert rc == 0, err
+    assert (tmp_path / "seg" / "case_seg.json").is_file()
+    # a folder of nothing but earlier outputs says so
+    (folder / "case.nii.gz").unlink()
+    rc, err = predict(capsys, untrained_bundle.path, folder, out=tmp_path / "none")
+    assert rc != 0 and len(error_lines(err)) == 1 and "only outputs of an earlier" in err
+
+
 def test_duplicate_case_names_are_refused(capsys, untrained_bundle, tmp_path):
     image, _ = phantoms.ct_phantom(*SMALL, seed=27)
     a = phantoms.write(image, tmp_path / "x" / "case.nii.gz")

@@ -56,7 +56,10 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
             if not series:
-                raise InputVolumeError(f"{path}: folder holds no DICOM series")
+                raise InputVolumeError(
+                    f"{path}: folder holds no volume file (NIfTI, NRRD, MHA) and no DICOM series; "
+                    "give a volume file or a folder of DICOM slices"
+                )
             reader = sitk.ImageSeriesReader()
             # the largest series is the one a user means when giving a folder
             files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
