@@ -102,25 +102,50 @@ def dice_cell(d: dict | None, key="dice") -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}{spread} (n={s['n']})"
 
 
-def paired_p(a: dict | None, b: dict | None) -> str:
-    """Two-sided Wilcoxon signed-rank p of per-case Dice over the cases both arms scored ('–' under 6 pairs:
-    the test cannot reach p < 0.05 with fewer)."""
+def paired_p(a: dict | None, b: dict | None) -> tuple[str, str]:
+    """(two-sided Wilcoxon signed-rank p of per-patient Dice differences, how many pairs) over the cases
+    both arms scored.
+
+    The cases of one patient (ACDC's two frames) are not independent: their differences are averaged
+    into one pair per patient (``patient_group``, the split's own grouping). '–' under 6 patients: the
+    test cannot reach p < 0.05 with fewer."""
     from scipy.stats import wilcoxon
 
+    from MultiTaskSegTraining.data import patient_group
+
     if not a or not b:
-        return "–"
+        return "–", ""
     common = [k for k in a.get("cases", {}) if a["cases"][k] is not None and b.get("cases", {}).get(k) is not None]
-    diffs = [a["cases"][k] - b["cases"][k] for k in common]
+    by_patient: dict[str, list[float]] = {}
+    for k in common:
+        by_patient.setdefault(patient_group(k), []).append(a["cases"][k] - b["cases"][k])
+    diffs = [float(np.mean(v)) for v in by_patient.values()]
+    n = f"{len(diffs)} patients" + (f", {len(common)} cases" if len(diffs) < len(common) else "")
     if len(diffs) < 6 or not any(diffs):
-        return f"– (n={len(diffs)})"
-    return f"{wilcoxon([a['cases'][k] for k in common], [b['cases'][k] for k in common]).pvalue:.3g} (n={len(diffs)})"
+        return "–", n
+    return f"{wilcoxon(diffs).pvalue:.2g}", n
+
+
+def output_cell(context_metrics: dict, name: str) -> str:
+    """Dice of what `mtseg predict` outputs (restricted, post-processed), the raw argmax's mean in brackets."""
+    r = context_metrics.get("dice_restricted", {}).get(name)
+    u = context_metrics.get("structures", {}).get(name, {}).get("dice", {}).get("mean")
+    return dice_cell(r) + (f" ({u:.3f})" if r and u is not None else "")
+
+
+def paired_tests(joint: dict | None, dedicated: dict, transfer: dict | None) -> str:
+    """The table's cell: joint vs dedicated / joint vs transfer / transfer vs dedicated (pairs)."""
+    pairs = [(joint, dedicated)] + ([(joint, transfer), (transfer, dedicated)] if transfer else [])
+    tests = [paired_p(a, b) for a, b in pairs]
+    n = next((n for _, n in tests if n), "")
+    return " / ".join(p for p, _ in tests) + (f" ({n})" if n else "")
 
 
 def arm_structures(m: dict | None, ctx: str) -> dict:
     return (m or {}).get("contexts", {}).get(ctx, {}).get("structures", {})
 
 
-def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
+def comparison_section(arms: Path, page: Path) -> list[str]:
     import yaml
     from arms_curves import TARGETS, curves, plot, table
 
@@ -135,16 +160,15 @@ def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
         f"10178). Transfer = pre-train on the other four datasets for {cfg['steps']} steps, then "
         f"fine-tune the whole network on the target for {cfg['steps']} steps. The validation curves "
         "below show whether each arm reached its plateau. Dice on the original image grid, "
-        "mean ± std [min–max] over test cases; HD95 in mm. Joint Dice is of what `mtseg predict` outputs "
-        "(restricted to the recognised context, then the bundle's largest-component post-processing); the "
-        "network's unrestricted argmax in brackets.",
+        "mean ± std [min–max] over test cases; HD95 in mm. Every arm is scored on what `mtseg predict` outputs "
+        "(restricted to the recognised context, then the bundle's largest-component post-processing, chosen "
+        "per structure on each arm's own validation cases); the network's unrestricted argmax in brackets.",
         "",
         "| context | structure | joint | dedicated | transfer | joint HD95 | dedicated HD95 | transfer HD95 "
-        "| Wilcoxon p joint vs dedicated / vs transfer |",
+        "| Wilcoxon p, paired per patient: joint vs dedicated / joint vs transfer / transfer vs dedicated |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     wins = {"joint>dedicated": 0, "dedicated>joint": 0, "transfer>dedicated": 0, "dedicated>transfer": 0}
-    summary = {}
     rerun: list[str] = []
     for ctx in DATASETS:
         ded = load(arms / f"dedicated_{ctx}_eval")
@@ -157,24 +181,22 @@ def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
                 rerun.append(
                     f"{ctx} " + ", ".join(f"{n} {fmt(v.get('mean'))}" for n, v in js.get("dice_restricted", {}).items())
                 )
-        for name, d in arm_structures(ded, ctx).items() or {}:
-            jr = js.get("dice_restricted", {}).get(name)
-            ju = js.get("structures", {}).get(name)
-            t = arm_structures(tra, ctx).get(name)
-            jcell = dice_cell(jr) + (f" ({ju['dice']['mean']:.3f})" if ju and ju["dice"]["mean"] is not None else "")
-            jh = js.get("hd95_mm_restricted", {}).get(name, {}).get("mean")
-            tests = f"{paired_p(jr, d['dice'])} / {paired_p(jr, t['dice']) if t else '–'}"
+        arm_ctx = {arm: (m or {}).get("contexts", {}).get(ctx, {}) for arm, m in (("d", ded), ("t", tra))}
+        for name in arm_structures(ded, ctx):
+            # every arm scored on what `mtseg predict` outputs (restricted, post-processed); raw argmax in brackets
+            jr, dr, tr = (c.get("dice_restricted", {}).get(name) for c in (js, arm_ctx["d"], arm_ctx["t"]))
+            cells = [output_cell(c, name) for c in (js, arm_ctx["d"], arm_ctx["t"])]
+            hd = [fmt(c.get("hd95_mm_restricted", {}).get(name, {}).get("mean"), 1) for c in (js, arm_ctx["d"])]
+            hd.append(fmt(arm_ctx["t"].get("hd95_mm_restricted", {}).get(name, {}).get("mean"), 1) if tr else "–")
             out.append(
-                f"| {ctx} | {name} | {jcell} | {dice_cell(d)} | {dice_cell(t) if t else 'not run'} | "
-                f"{fmt(jh, 1)} | {fmt(d['hd95_mm']['mean'], 1)} | {fmt(t['hd95_mm']['mean'], 1) if t else '–'} "
-                f"| {tests} |"
+                f"| {ctx} | {name} | {cells[0]} | {cells[1]} | {cells[2] if tr else 'not run'} | "
+                f"{' | '.join(hd)} | {paired_tests(jr, dr, tr)} |"
             )
-            dj, dd = (jr or {}).get("mean"), d["dice"]["mean"]
+            dj, dd, dt = ((x or {}).get("mean") for x in (jr, dr, tr))
             if dj is not None and dd is not None:
                 wins["joint>dedicated" if dj > dd else "dedicated>joint"] += 1
-            if t and t["dice"]["mean"] is not None and dd is not None:
-                wins["transfer>dedicated" if t["dice"]["mean"] > dd else "dedicated>transfer"] += 1
-            summary[(ctx, name)] = (dj, dd, t["dice"]["mean"] if t else None)
+            if dt is not None and dd is not None:
+                wins["transfer>dedicated" if dt > dd else "dedicated>transfer"] += 1
     out += kept_footnote(out)
     if rerun:
         out[-1] += (
@@ -183,7 +205,7 @@ def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
         )
     out += [
         "",
-        f"Joint (restricted) beats dedicated on **{wins['joint>dedicated']}** of "
+        f"Joint beats dedicated on **{wins['joint>dedicated']}** of "
         f"{wins['joint>dedicated'] + wins['dedicated>joint']} structures; transfer beats dedicated on "
         f"**{wins['transfer>dedicated']}** of {wins['transfer>dedicated'] + wins['dedicated>transfer']} "
         "structures where it was run (rows regenerated from results/ only).",
@@ -217,7 +239,7 @@ def comparison_section(arms: Path, page: Path) -> tuple[list[str], dict]:
             *kept_footnote(rows),
             "",
         ]
-    return out, summary
+    return out
 
 
 def kept_arms_sections(page: Path, arms: Path) -> tuple[list[str], list[str]]:
@@ -256,6 +278,7 @@ def calibration_section(
     # the page's rows stand in for a dedicated arm or default evaluation not rerun since its data was lost
     sources: list[tuple[str, dict | None, str | None]] = [("joint arm", load(arms / "joint_eval"), None)]
     sources += [("dedicated arm", load(arms / f"dedicated_{c}_eval"), c) for c in DATASETS]
+    sources += [("transfer arm", m, c) for c in DATASETS if (m := load(arms / f"transfer_{c}_eval"))]
     sources += [("shipped default", default, None)]
     for label, m, only in sources:
         if not m:
@@ -425,7 +448,7 @@ def main() -> None:
         "",
     ]
     if (args.arms / "joint_eval" / "metrics.json").exists():
-        comp, _ = comparison_section(args.arms, args.out)
+        comp = comparison_section(args.arms, args.out)
         arm_rows: list[str] = []
     else:  # the arms' evaluations are not here: keep their section and calibration rows from this page
         comp, arm_rows = kept_arms_sections(args.out, args.arms)
