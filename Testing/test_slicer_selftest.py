@@ -26,13 +26,27 @@ def small_sample(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_module_selftest_with_default_bundle(shell, scene):
-    """Exactly what MultiTaskSegTest.runTest does in Slicer: the default model on the sample CT, CPU."""
+def test_module_selftest_with_default_bundle(shell, scene, monkeypatch, capsys):
+    """What MultiTaskSegTest.runTest does in Slicer: the default model on the sample CT, CPU.
+
+    Except its one-minute limit: here the time is printed, not asserted (a unit test on a shared CI
+    machine is no speed measurement; the self-test in Slicer keeps the limit)."""
     reason = default_bundle_missing_reason()
     if reason:
         pytest.skip(reason)
+    import MultiTaskSegMRML.selftest as selftest
+
+    logged: list[str] = []
+
+    def without_limit(*args, **kwargs):
+        kwargs["log"] = logged.append
+        return run_selftest(*args, **{**kwargs, "time_limit_s": None})
+
+    monkeypatch.setattr(selftest, "run_selftest", without_limit)  # runTest imports it when it runs
     test = shell.MultiTaskSegTest()
     test.runTest()
+    with capsys.disabled():
+        print(f"\nSlicer self-test: {next(line for line in logged if line.startswith('Segmented in'))}")
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") >= 1
 
 
