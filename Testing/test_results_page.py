@@ -76,3 +76,18 @@ def test_page_section_is_kept_with_one_note(tmp_path: Path) -> None:
     page.write_text("\n".join(first) + "\n", encoding="utf-8")
     assert make_results.page_section(page, "## 3.") == first
     assert make_results.page_section(page, "## 9.") == []
+
+
+def test_paired_test_takes_one_pair_per_patient():
+    from scipy.stats import wilcoxon
+
+    # 7 patients, two frames each: the frames' differences are averaged into one pair per patient
+    a = {f"p{i}_frame0{f}": 0.80 + 0.01 * i + 0.02 * f for i in range(7) for f in (1, 2)}
+    b = {k: v - (0.03 if k.endswith("1") else 0.01) - 0.001 * int(k[1]) for k, v in a.items()}
+    p, n = make_results.paired_p({"cases": a}, {"cases": b})
+    per_patient = [0.02 + 0.001 * i for i in range(7)]
+    assert n == "7 patients, 14 cases"
+    assert p == f"{wilcoxon(per_patient).pvalue:.2g}" != f"{wilcoxon(list(a.values()), list(b.values())).pvalue:.2g}"
+    # under 6 patients no test is run, and the count still says why
+    few = {k: v for k, v in a.items() if int(k[1]) < 5}
+    assert make_results.paired_p({"cases": few}, {"cases": b}) == ("–", "5 patients, 10 cases")
