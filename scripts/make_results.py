@@ -141,8 +141,13 @@ def paired_tests(joint: dict | None, dedicated: dict, transfer: dict | None) -> 
     return " / ".join(p for p, _ in tests) + (f" ({n})" if n else "")
 
 
+def arm_context(m: dict | None, ctx: str) -> dict:
+    """One context's metrics of an evaluation ({} when the arm or the context is missing)."""
+    return (m or {}).get("contexts", {}).get(ctx, {})
+
+
 def arm_structures(m: dict | None, ctx: str) -> dict:
-    return (m or {}).get("contexts", {}).get(ctx, {}).get("structures", {})
+    return arm_context(m, ctx).get("structures", {})
 
 
 def comparison_section(arms: Path, page: Path) -> list[str]:
@@ -173,7 +178,7 @@ def comparison_section(arms: Path, page: Path) -> list[str]:
     for ctx in DATASETS:
         ded = load(arms / f"dedicated_{ctx}_eval")
         tra = load(arms / f"transfer_{ctx}_eval")
-        js = (joint or {}).get("contexts", {}).get(ctx, {})
+        js = arm_context(joint, ctx)
         if ded is None:  # not rerun since its per-case data was lost: the page's rows, marked
             kept = page_rows(page, "## 1.", [ctx], 9)
             out += kept
@@ -181,13 +186,12 @@ def comparison_section(arms: Path, page: Path) -> list[str]:
                 rerun.append(
                     f"{ctx} " + ", ".join(f"{n} {fmt(v.get('mean'))}" for n, v in js.get("dice_restricted", {}).items())
                 )
-        arm_ctx = {arm: (m or {}).get("contexts", {}).get(ctx, {}) for arm, m in (("d", ded), ("t", tra))}
+        contexts = [js, arm_context(ded, ctx), arm_context(tra, ctx)]  # joint, dedicated, transfer
         for name in arm_structures(ded, ctx):
             # every arm scored on what `mtseg predict` outputs (restricted, post-processed); raw argmax in brackets
-            jr, dr, tr = (c.get("dice_restricted", {}).get(name) for c in (js, arm_ctx["d"], arm_ctx["t"]))
-            cells = [output_cell(c, name) for c in (js, arm_ctx["d"], arm_ctx["t"])]
-            hd = [fmt(c.get("hd95_mm_restricted", {}).get(name, {}).get("mean"), 1) for c in (js, arm_ctx["d"])]
-            hd.append(fmt(arm_ctx["t"].get("hd95_mm_restricted", {}).get(name, {}).get("mean"), 1) if tr else "–")
+            jr, dr, tr = (c.get("dice_restricted", {}).get(name) for c in contexts)
+            cells = [output_cell(c, name) for c in contexts]
+            hd = [fmt(c.get("hd95_mm_restricted", {}).get(name, {}).get("mean"), 1) for c in contexts]  # "–" if absent
             out.append(
                 f"| {ctx} | {name} | {cells[0]} | {cells[1]} | {cells[2] if tr else 'not run'} | "
                 f"{' | '.join(hd)} | {paired_tests(jr, dr, tr)} |"
