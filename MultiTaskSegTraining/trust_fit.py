@@ -172,7 +172,7 @@ def quality_rows(
             rows.append(model.feature_row(r["evidence"][v], names[int(v)], s / threshold, conf))
             target.append(d)
             owner.append(i)
-    return np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES)), np.asarray(target), owner
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(model.features)), np.asarray(target), owner
 
 
 def log_volume_stats(fit_recs: Sequence[dict], names: dict[int, str]) -> dict[str, list[float]]:
@@ -195,14 +195,14 @@ def fit_quality(
     context_labels: list[list[int]],
     l2: float = 1e-2,
     fitted_on: str = "",
+    features: Sequence[str] = FEATURES,
 ) -> QualityModel:
     from scipy.optimize import minimize
 
-    model = QualityModel(
-        [0.0] * len(FEATURES), 0.0, [0.0] * len(FEATURES), [1.0] * len(FEATURES), volume, fitted_on=fitted_on
-    )
+    k = len(features)
+    model = QualityModel([0.0] * k, 0.0, [0.0] * k, [1.0] * k, volume, features=list(features), fitted_on=fitted_on)
     x, y, _ = quality_rows(recs, ood_scores, threshold, model, names, context_labels)
-    if len(x) < len(FEATURES) + 2:
+    if len(x) < k + 2:
         raise ValueError(f"only {len(x)} labelled structures to fit the quality model on")
     mean, scale = x.mean(0), x.std(0)
     scale = np.where(scale > 1e-9, scale, 1.0)
@@ -217,7 +217,7 @@ def fit_quality(
         grad = np.concatenate([z.T @ (p - y) / len(y) + 2 * l2 * w[:-1], [(p - y).mean()]])
         return float(ce), grad
 
-    w = minimize(loss, np.zeros(len(FEATURES) + 1), jac=True, method="L-BFGS-B").x
+    w = minimize(loss, np.zeros(k + 1), jac=True, method="L-BFGS-B").x
     model.coef, model.intercept = [float(v) for v in w[:-1]], float(w[-1])
     model.mean, model.scale = [float(v) for v in mean], [float(v) for v in scale]
     return model

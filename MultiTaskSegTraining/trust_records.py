@@ -30,7 +30,7 @@ from MultiTaskSegLib.uncertainty import class_argmax, merge_other_contexts, norm
 from .evaluate_metrics import dice, json_clean
 from .ood_baselines import image_geometry, uncertainty_scores
 
-RECORD_VERSION = 2  # 2: "dice" is of the post-processed output (1 had no largest-component filter)
+RECORD_VERSION = 3  # 2: "dice" is of the post-processed output (1 had no largest-component filter); 3: stray_share
 
 
 def all_layers(predictor: Predictor) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 from MultiTaskSegLib.bundle import META_FILE, load_bundle, save_bundle
 from MultiTaskSegLib.errors import BundleError
+from MultiTaskSegLib.postprocessing import stray_share
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
 from MultiTaskSegLib.quality import QualityModel, structure_evidence
 from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality, loo_scores
@@ -129,10 +130,23 @@ def test_structure_evidence_of_constructed_maps():
     labels = probs.argmax(0).numpy().astype(np.uint8)
     entropy = torch.zeros(4, 4, 4)
     ev = structure_evidence(probs, labels, entropy, [1, 2], voxel_ml=0.008)
-    assert ev[1] == pytest.approx({"soft_dice": 1.0, "mean_entropy": 0.0, "volume_ml": 32 * 0.008})
-    assert ev[2] == {"soft_dice": 0.0, "mean_entropy": 1.0, "volume_ml": 0.0}  # nothing found
+    assert ev[1] == pytest.approx({"soft_dice": 1.0, "mean_entropy": 0.0, "volume_ml": 32 * 0.008, "stray_share": 0.0})
+    assert ev[2] == {"soft_dice": 0.0, "mean_entropy": 1.0, "volume_ml": 0.0, "stray_share": 1.0}  # nothing found
     probs[1, :2], probs[0, :2] = 0.6, 0.4  # barely won: soft Dice 2·0.6·32 / (0.6·32 + 32) = 0.75
     assert structure_evidence(probs, labels, entropy, [1], 0.008)[1]["soft_dice"] == pytest.approx(0.75)
+
+
+def test_stray_share_counts_voxels_outside_the_largest_piece():
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[:3, :3, :3] = 1  # 27 voxels
+    labels[6:, 6:, 6:] = 1  # 8 voxels, not touching (not even at a corner)
+    labels[5, 0, 0] = 2
+    assert stray_share(labels, 1) == pytest.approx(8 / 35)
+    assert stray_share(labels, 2) == 0.0  # one piece
+    assert stray_share(labels, 3) == 1.0  # nothing found
+    labels[3, 3, 3] = 1  # touches the first block at a corner: 26-connected, one piece with it
+    labels[4:6, 4:6, 4:6] = 1  # and bridges to the second
+    assert stray_share(labels, 1) == 0.0
 
 
 def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict], list[float]]:
@@ -142,7 +156,14 @@ def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict],
         soft = rng.uniform(0.2, 1.0)
         recs.append(
             {
-                "evidence": {"1": {"soft_dice": soft, "mean_entropy": rng.uniform(0.2, 0.6), "volume_ml": 100.0}},
+                "evidence": {
+                    "1": {
+                        "soft_dice": soft,
+                        "mean_entropy": rng.uniform(0.2, 0.6),
+                        "volume_ml": 100.0,
+                        "stray_share": rng.uniform(0.0, 0.2),
+                    }
+                },
                 "dice": {"1": float(np.clip(soft + 0.05 * rng.normal(), 0, 1))},
                 "recognised": 0,
                 "context_probs": [0.9, 0.1],
@@ -156,8 +177,9 @@ def test_quality_model_learns_a_monotone_expected_dice_and_ranks_failures():
     rng = np.random.default_rng(2)
     recs, scores = _quality_records(rng)
     model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]])
-    lo = model.expected_dice([[0.3, 0.4, 0.0, 0.5, 0.9]])[0]
-    hi = model.expected_dice([[0.95, 0.4, 0.0, 0.5, 0.9]])[0]
+    evidence = {"mean_entropy": 0.4, "volume_ml": 100.0, "stray_share": 0.0}
+    lo = model.expected_dice([model.feature_row({**evidence, "soft_dice": 0.3}, "liver", 0.5, 0.9)])[0]
+    hi = model.expected_dice([model.feature_row({**evidence, "soft_dice": 0.95}, "liver", 0.5, 0.9)])[0]
     assert 0.0 <= lo < 0.5 < hi <= 1.0
     test, _ = _quality_records(rng, 40)
     dice = np.asarray([r["dice"]["1"] for r in test])
@@ -176,6 +198,8 @@ def _quality_dict() -> dict:
         [0.6, 0.5, 1.0, 0.8, 0.9],
         [0.2, 0.1, 0.8, 0.5, 0.1],
         {"liver": [7.0, 0.3], "spleen": [5.0, 0.4], "left ventricle": [4.8, 0.3]},
+        # the five features of bundles before stray_share: such bundles still load and assess
+        features=["soft_dice", "mean_entropy", "volume_z", "ood_z", "context_confidence"],
         fitted_on="test",
     ).to_dict()
 

@@ -56,6 +56,20 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> np.ndar
     return labels
 
 
+def stray_share(labels: np.ndarray, value: int) -> float:
+    """Share of the voxels labelled ``value`` outside its largest 26-connected component: 0 for one
+    piece, near 1 for scattered fragments, 1 for an empty mask (nothing found counts as worst)."""
+    mask = labels == value
+    box = bounding_box(mask)
+    if box is None:
+        return 1.0
+    components, n = _components(mask[box])
+    if n <= 1:
+        return 0.0
+    sizes = ndimage.histogram(components, 1, n, n)
+    return float(1.0 - sizes.max() / sizes.sum())
+
+
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """The slices around the non-zero voxels (None if there are none), widened by ``margin`` within
     the array, from one projection per axis: no index arrays of every voxel, as ``np.nonzero`` would

@@ -9,6 +9,9 @@ Evidence per predicted structure (all on the canonical grid `predict` already ha
   mask is empty: nothing found counts as maximally uncertain);
 - ``volume_z``: |log volume − mean| / std of the structure's log volume on the training cases
   (4 when the mask is empty);
+- ``stray_share``: the share of the mask outside its largest connected component (before the
+  bundle's post-processing): a confused network scatters fragments, and the largest-component
+  filter may then keep the wrong one (1 when the mask is empty);
 - ``ood_z``: the case's OOD score divided by its threshold (shared by all structures);
 - ``context_confidence``: the context head's softmax probability of the recognised context.
 
@@ -26,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-FEATURES = ("soft_dice", "mean_entropy", "volume_z", "ood_z", "context_confidence")
+from .postprocessing import stray_share
+
+FEATURES = ("soft_dice", "mean_entropy", "volume_z", "stray_share", "ood_z", "context_confidence")
 EMPTY_VOLUME_Z = 4.0  # an empty mask is as unusual as a volume 4 std away from the training mean
 
 
@@ -34,7 +39,8 @@ def structure_evidence(
     probs: torch.Tensor, labels: np.ndarray, entropy: torch.Tensor, structures: list[int], voxel_ml: float
 ) -> dict[int, dict[str, float]]:
     """Evidence per structure value from (C, z, y, x) probabilities, the (restricted) argmax labels and
-    the entropy map, all on the same grid. Linear in the voxels: one gather and three bincounts."""
+    the entropy map, all on the same grid. Linear in the voxels: one gather, three bincounts and one
+    connected-component pass per structure (within its bounding box)."""
     n_classes = probs.shape[0]
     lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).reshape(-1)
     p_own = probs.reshape(n_classes, -1).gather(0, lab[None])[0]  # each voxel's probability of its own label
@@ -48,6 +54,7 @@ def structure_evidence(
             "soft_dice": 2.0 * float(inside[v]) / (total + n) if total + n > 0 else 0.0,
             "mean_entropy": float(ent[v]) / n if n else 1.0,
             "volume_ml": n * voxel_ml,
+            "stray_share": stray_share(labels, v) if n else 1.0,
         }
     return out
 
@@ -84,11 +91,12 @@ class QualityModel:
                 if k in d
             }
         )
-        if list(model.features) != list(FEATURES):
+        unknown = [f for f in model.features if f not in FEATURES]
+        if unknown:  # a bundle from newer code; older bundles use a subset of today's features
             raise ValueError(
-                f"quality model features {model.features} are not the ones this code computes ({list(FEATURES)})"
+                f"quality model features {unknown} are not among the ones this code computes ({list(FEATURES)})"
             )
-        if not (len(model.coef) == len(model.mean) == len(model.scale) == len(FEATURES)):
+        if not (len(model.coef) == len(model.mean) == len(model.scale) == len(model.features)):
             raise ValueError("quality model: coef/mean/scale lengths differ from the feature count")
         return model
 
@@ -104,13 +112,16 @@ class QualityModel:
     def feature_row(
         self, evidence: dict[str, float], name: str, ood_z: float, context_confidence: float
     ) -> list[float]:
-        return [
-            evidence["soft_dice"],
-            evidence["mean_entropy"],
-            self.volume_z(name, evidence["volume_ml"]),
-            min(ood_z, 10.0),
-            context_confidence,
-        ]
+        """The model's features (its own list, in its order) of one structure."""
+        values = {
+            "soft_dice": evidence["soft_dice"],
+            "mean_entropy": evidence["mean_entropy"],
+            "volume_z": self.volume_z(name, evidence["volume_ml"]),
+            "stray_share": evidence.get("stray_share", 0.0),
+            "ood_z": min(ood_z, 10.0),
+            "context_confidence": context_confidence,
+        }
+        return [values[f] for f in self.features]
 
     def expected_dice(self, rows: np.ndarray) -> np.ndarray:
         x = (np.atleast_2d(np.asarray(rows, dtype=np.float64)) - np.asarray(self.mean)) / np.asarray(self.scale)
