@@ -64,6 +64,7 @@ def record_signals(
     return {
         "1-soft_dice": 1 - float(np.mean([e["soft_dice"] for e in ev])),
         "entropy_in_structures": float(np.mean([e["mean_entropy"] for e in ev])),
+        "stray_share": float(np.mean([e.get("stray_share", 0.0) for e in ev])),
         "volume_z": float(np.max([quality.volume_z(names[int(v)], e["volume_ml"]) for v, e in zip(allowed, ev)])),
         "1-context_confidence": 1 - conf,
         "entropy_foreground": rec["uncertainty"]["entropy_foreground"],

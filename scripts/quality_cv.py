@@ -1,0 +1,112 @@
+"""Cross-validated choice of the quality model's features, on the fit records only (no test case).
+
+The trust benchmark's fit (train/val cases) and fit_shift (one corrupted variant of each) records
+are split into folds by patient (a corrupted variant goes with its clean case); for each feature
+set the quality model is fitted on the other folds and scored on the held-out one. The pooled
+held-out estimates give a case-level AURC (risk = 1 − Dice) and failure AUROC (Dice < 0.5) per
+feature set, beside the same figures of every single signal.
+
+    PYTHONPATH=MultiTaskSeg:. python scripts/quality_cv.py --bundle MultiTaskSeg/Resources/Models/default \
+        --records runs/trust_v5/records
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from MultiTaskSegLib.bundle import load_bundle
+from MultiTaskSegLib.quality import FEATURES
+from MultiTaskSegTraining.trust_fit import (
+    case_dice,
+    fit_detector,
+    fit_quality,
+    log_volume_stats,
+    loo_scores,
+    patient_of,
+    record_context,
+)
+from MultiTaskSegTraining.trust_metrics import failure_table
+
+FEATURE_SETS = {
+    "before (5 features)": [f for f in FEATURES if f != "stray_share"],
+    "with stray_share (6)": list(FEATURES),
+    "without ood_z": [f for f in FEATURES if f != "ood_z"],
+}
+
+
+def load(records: Path, families: tuple[str, ...]) -> list[dict]:
+    out = []
+    for fam in families:
+        for path in sorted((records / fam).glob("*.json")):
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--records", type=Path, required=True)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    bundle = load_bundle(args.bundle)
+    names, ctx_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
+    fit, fit_shift, fit_fov = (load(args.records, (f,)) for f in ("fit", "fit_shift", "fit_fov"))
+    det, loo = fit_detector(fit + fit_fov, bundle.meta["ood"]["layers"], bundle.context_names)
+    recs = fit + fit_shift
+    ood = np.concatenate([loo[: len(fit)], loo_scores(det, fit_shift)])
+    keep = [i for i, r in enumerate(recs) if case_dice(r) is not None]
+    recs, ood = [recs[i] for i in keep], ood[keep]
+    patients = sorted({patient_of(r) for r in recs})
+    fold_of = dict(zip(patients, np.random.default_rng(args.seed).permutation(len(patients)) % args.folds))
+    folds = np.asarray([fold_of[patient_of(r)] for r in recs])
+    dice = np.asarray([case_dice(r) for r in recs])
+
+    def structures(r: dict) -> list[str]:
+        return [v for v in (r.get("dice") or {}) if int(v) in ctx_labels[r["recognised"]]]
+
+    signals: dict[str, np.ndarray] = {}
+    for name, sets in FEATURE_SETS.items():
+        held_out = np.full(len(recs), np.nan)
+        for k in range(args.folds):
+            train = [r for r, f in zip(recs, folds) if f != k]
+            model = fit_quality(
+                train,
+                ood[folds != k],
+                det.threshold,
+                log_volume_stats([r for r in train if r["family"] == "fit"], names),
+                names,
+                ctx_labels,
+                features=sets,
+            )
+            for i in np.flatnonzero(folds == k):
+                r = recs[i]
+                conf = record_context(r)[1] or 1.0
+                rows = [
+                    model.feature_row(r["evidence"][v], names[int(v)], ood[i] / det.threshold, conf)
+                    for v in structures(r)
+                ]
+                held_out[i] = float(np.mean(model.expected_dice(np.asarray(rows)))) if rows else 0.0
+        signals[f"quality: {name}"] = 1.0 - held_out
+    for feature, sign in (("soft_dice", -1.0), ("mean_entropy", 1.0), ("stray_share", 1.0)):
+        signals[feature] = np.asarray(
+            [sign * np.mean([r["evidence"][v][feature] for v in structures(r)] or [0.0]) for r in recs]
+        )
+    signals["1-context_confidence"] = np.asarray([1.0 - (record_context(r)[1] or 1.0) for r in recs])
+    table = failure_table(signals, dice)
+    print(
+        f"{len(recs)} fit + fit_shift cases, {len(patients)} patients, {args.folds} folds; "
+        f"{table['n_failures']} with Dice < 0.5; AURC oracle {table['aurc_oracle']:.4f}, random {table['aurc_random']:.4f}"
+    )
+    print("| signal | AURC (held out) | failure AUROC |\n|---|---|---|")
+    for name, v in sorted(table["signals"].items(), key=lambda kv: kv[1]["aurc"]):
+        print(f"| {name} | {v['aurc']:.4f} | {v['failure_auroc']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
