@@ -47,6 +47,8 @@ class TrainConfig:
     foreground_fraction: float = 0.5
     foreground_mode: str = "per_structure"  # per_structure (each structure equally often) | any
     augment: bool = True
+    # also a smooth bias field, Gaussian blur and stronger noise (sampling.artefact): other scanners' artefacts
+    artefact_augmentation: bool = False
     checkpoint_every: int = 100
     validate_every: int = 0  # steps between validation-Dice evaluations (0 = none); logged to validation.jsonl
     ood_layers: list[str] = field(default_factory=lambda: ["enc3", "enc4"])

@@ -95,9 +95,10 @@ def _foreground_coords(label: np.ndarray, mode: str, per_group: int = 20000) -> 
 
 
 def augment(
-    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float = 0.8
+    x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float = 0.8, artefacts: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation/scaling, intensity (gamma, contrast, brightness), noise and low-resolution simulation.
+    """Rotation/scaling, intensity (gamma, contrast, brightness), noise and low-resolution simulation;
+    with ``artefacts`` also a smooth bias field, Gaussian blur and up to twice the noise (``artefact``).
 
     No mirroring: left and right structures (kidneys) are different labels.
     """
@@ -122,11 +123,37 @@ def augment(
             xi = ((xi - lo) / rngv).clamp(0, 1) ** math.exp(rng.uniform(-0.4, 0.4)) * rngv + lo
         if rng.random() < 0.5:
             xi = xi * rng.uniform(0.75, 1.25) + rng.uniform(-0.1, 0.1)
+        if artefacts:
+            xi = artefact(xi, rng)
         if rng.random() < 0.3:
-            xi = xi + torch.randn_like(xi) * rng.uniform(0.0, 0.05)
+            xi = xi + torch.randn_like(xi) * rng.uniform(0.0, 0.1 if artefacts else 0.05)
         out_x.append(xi)
         out_y.append(yi[:, 0].long())
     return torch.cat(out_x), torch.cat(out_y)
+
+
+def artefact(x: torch.Tensor, rng: np.random.Generator, p_bias: float = 0.3, p_blur: float = 0.2) -> torch.Tensor:
+    """Acquisition artefacts of other scanners on a (1, 1, z, y, x) patch: a smooth multiplicative bias
+    field (MR coil sensitivity) and an anisotropic Gaussian blur (other resolutions), each drawn with its p.
+    The trust benchmark measured the largest Dice losses under bias fields, gamma and noise
+    (docs/RESULTS.md, Trust); gamma and noise were already drawn."""
+    if rng.random() < p_bias:
+        strength = rng.uniform(0.1, 0.5)  # log-intensity range of the field: up to ×1.65 / ×0.61
+        coarse = torch.from_numpy(rng.uniform(-strength, strength, (1, 1, 3, 3, 3))).to(x.dtype)
+        field = F.interpolate(coarse, size=x.shape[2:], mode="trilinear", align_corners=True)
+        x = x * torch.exp(field)
+    if rng.random() < p_blur:
+        for axis in range(3):
+            sigma = rng.uniform(0.3, 1.2)
+            radius = max(1, int(math.ceil(3 * sigma)))
+            t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+            kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = kernel.numel()
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+            x = F.conv3d(F.pad(x, pad, mode="replicate"), (kernel / kernel.sum()).reshape(shape))
+    return x
 
 
 def _affine(angles: np.ndarray, scale: float) -> np.ndarray:

@@ -220,7 +220,7 @@ class TrainingRun:
             t0 = time.perf_counter()
             x, y, ds = self.sampler.batch(c.batch_size)
             if c.augment:
-                x, y = augment(x, y, self.aug_rng)
+                x, y = augment(x, y, self.aug_rng, artefacts=c.artefact_augmentation)
             x, y = x.to(dev, non_blocking=True, memory_format=memory_format), y.to(dev, non_blocking=True)
             data_time += time.perf_counter() - t0
             for g in self.opt.param_groups:

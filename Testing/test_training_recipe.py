@@ -15,7 +15,7 @@ from MultiTaskSegLib.postprocessing import choose_largest_component, keep_larges
 from MultiTaskSegTraining.cli import main
 from MultiTaskSegTraining.config import TrainConfig
 from MultiTaskSegTraining.data import CachedCase, load_dataset, patient_group, split_cases
-from MultiTaskSegTraining.sampling import PatchSampler
+from MultiTaskSegTraining.sampling import PatchSampler, artefact, augment
 from MultiTaskSegTraining.train import lr_at
 from phantoms import make_msd_dataset
 from train_helpers import phantom_datasets, rename_cases, tiny_config
@@ -112,6 +112,35 @@ def test_largest_component_gives_the_same_labels_with_cc3d_and_with_scipys_fallb
     slow = keep_largest_component(labels.copy(), [1, 2, 3])
     assert (fast != labels).any()  # pieces were removed
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_artefact_augmentation_draws_a_smooth_bias_field_and_a_mass_preserving_blur():
+    import torch
+
+    flat = torch.full((1, 1, 24, 24, 24), 0.5)
+    biased = artefact(flat, np.random.default_rng(0), p_bias=1.0, p_blur=0.0)
+    ratio = (biased / flat)[0, 0]
+    assert 0.6 < float(ratio.min()) < float(ratio.max()) < 1.66  # a field, not a constant, within ×exp(±0.5)
+    assert float(ratio.diff(dim=0).abs().max()) < 0.1  # smooth: neighbours differ by little
+    delta = torch.zeros((1, 1, 25, 25, 25))
+    delta[0, 0, 12, 12, 12] = 1.0
+    blurred = artefact(delta, np.random.default_rng(1), p_bias=0.0, p_blur=1.0)
+    assert blurred.shape == delta.shape
+    assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-5)  # intensity is spread, not lost
+    assert float(blurred.max()) < 0.5 and float(blurred[0, 0, 12, 12, 11]) > 0
+    assert torch.equal(artefact(flat, np.random.default_rng(2), p_bias=0.0, p_blur=0.0), flat)
+
+
+def test_artefact_augmentation_changes_images_and_never_labels():
+    import torch
+
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.uniform(0, 1, (2, 1, 20, 20, 20)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 3, (2, 20, 20, 20)))
+    # p=0: no geometric transform, so the labels must come back exactly as given
+    (xa, ya), (xb, yb) = (augment(x, y, np.random.default_rng(4), p=0.0, artefacts=a) for a in (False, True))
+    assert torch.equal(ya, y) and torch.equal(yb, y)
+    assert xa.shape == xb.shape == x.shape and not torch.equal(xa, xb)
 
 
 def test_poly_and_cosine_schedules_end_at_zero_and_unknown_is_refused():
