@@ -61,6 +61,9 @@ def test_bench_smoke(tmp_path, untrained_bundle):
         assert case["peak_rss_mb"] > 0 and case["n_windows"] >= 1
         assert case["sw_ours_s"] > 0 and case["sw_monai_s"] > 0
         assert 0.0 <= case["uncertainty_ood_share"] <= 1.0
+        # (the smoke bundle may have no quality model: its stage then takes no measurable time)
+        assert 0.0 <= case["quality_share"] < 1.0
+        assert case["trust_share"] == pytest.approx(case["ood_share"] + case["quality_share"])
         agreement = case["agreement"]
         assert set(agreement) >= {"dice_mean", "dice_min", "max_abs_prob_diff"}
         assert 0.0 <= agreement["dice_mean"] <= 1.0 and agreement["max_abs_prob_diff"] >= 0.0

@@ -19,7 +19,7 @@ from MultiTaskSegLib.errors import MultiTaskSegError
 
 from .bundles import default_architecture_bundle
 from .report import render_markdown
-from .summary import evaluate_targets, machine_info, summarise, train_log_summary
+from .summary import evaluate_targets, machine_info, shares, summarise, train_log_summary
 
 # name → (size xyz, spacing xyz mm, kind, description)
 SIZES = {
@@ -145,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # before the long run, not after it
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        for case in report["cases"]:  # shares and targets added since that run are derived from its stage times
+            if "stages_median_s" in case:
+                case.update(shares(case["stages_median_s"]))
+        report["targets"] = evaluate_targets([c for c in report["cases"] if "error" not in c])
         Path(args.output).write_text(render_markdown(report), encoding="utf-8")
         print(f"bench: rendered {args.output} from {args.from_json}", file=sys.stderr)
         return 0

@@ -54,7 +54,7 @@ def render_markdown(report: dict) -> str:
         "",
         "| case | input (x×y×z) | canonical (z×y×x), windows | end-to-end s | of which inference s | "
         "ours sliding window s | MONAI s | ours / MONAI | speed-up (wall) | speed-up (CPU time) | Dice (mean / min) | max Δp | "
-        "uncertainty + OOD share | peak RSS MB | repeats |",
+        "uncertainty + OOD + quality share | peak RSS MB | repeats |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
@@ -66,7 +66,7 @@ def render_markdown(report: dict) -> str:
             f"{_fmt(c.get('sw_monai_s'))} | {_fmt(c.get('ratio_ours_over_monai'), 2)} | "
             f"{_fmt(c.get('speedup_vs_monai'), 2)}× | {_fmt(c.get('cpu_speedup_vs_monai'), 2)}× | "
             f"{_fmt(ag.get('dice_mean'), 4)} / {_fmt(ag.get('dice_min'), 4)} | {ag.get('max_abs_prob_diff', float('nan')):.2g} | "
-            f"{100 * c['uncertainty_ood_share']:.1f} % ({100 * c['uncertainty_share']:.1f} + {100 * c['ood_share']:.2f}) | "
+            f"{_shares(c)} | "
             f"{c['peak_rss_mb']:.0f} | {c['repeats']} |"
         )
     for c in cases:
@@ -150,7 +150,9 @@ def render_markdown(report: dict) -> str:
         "`probabilities` is the temperature softmax the labels need; `uncertainty` is MC dropout when "
         "asked for, the context merge and the entropy on the canonical grid; `resample_uncertainty` maps the "
         "uncertainty to the input grid (inside `resample`). Uncertainty share = uncertainty + "
-        "resample_uncertainty; OOD share = ood + ood_gram; `summary` is the report's volumes and mean "
+        "resample_uncertainty; OOD share = ood + ood_gram; quality share = quality (the expected-Dice evidence: "
+        "a gather, bincounts and one connected-component pass per structure, then the logistic model); the trust "
+        "computation of issue 10 is OOD + quality; `summary` is the report's volumes and mean "
         "uncertainties and the two images on the input grid; `write` is `mtseg predict`'s writer (the "
         "segmentation and the uint8 uncertainty file at once, then the JSON report).",
         "",
@@ -273,3 +275,12 @@ def _pipeline_section(cases: list[dict]) -> list[str]:
         "peer has no anti-aliasing and MONAI's own output grid, so the two are close, not equal.",
     ]
     return lines
+
+
+def _shares(c: dict) -> str:
+    """Uncertainty + OOD (+ quality, for runs that timed it) as a share of end to end, then each part."""
+    q = c.get("quality_share")
+    if q is None:
+        return f"{100 * c['uncertainty_ood_share']:.1f} % ({100 * c['uncertainty_share']:.1f} + {100 * c['ood_share']:.2f})"
+    total = c["uncertainty_ood_share"] + q
+    return f"{100 * total:.1f} % ({100 * c['uncertainty_share']:.1f} + {100 * c['ood_share']:.2f} + {100 * q:.2f})"
