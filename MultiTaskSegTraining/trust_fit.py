@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from MultiTaskSegLib.ood import EPS, SpectralDetector
-from MultiTaskSegLib.quality import FEATURES, QualityModel
+from MultiTaskSegLib.quality import DIRECTION, FEATURES, QualityModel
 
 from .data import patient_group
 
@@ -196,6 +196,7 @@ def fit_quality(
     l2: float = 1e-2,
     fitted_on: str = "",
     features: Sequence[str] = FEATURES,
+    monotone: bool = True,
 ) -> QualityModel:
     from scipy.optimize import minimize
 
@@ -217,7 +218,10 @@ def fit_quality(
         grad = np.concatenate([z.T @ (p - y) / len(y) + 2 * l2 * w[:-1], [(p - y).mean()]])
         return float(ce), grad
 
-    w = minimize(loss, np.zeros(k + 1), jac=True, method="L-BFGS-B").x
+    # each coefficient within its evidence's sign (quality.DIRECTION) unless ``monotone`` is off; the intercept is free
+    bounds = [((0.0, None) if DIRECTION[f] > 0 else (None, 0.0)) if monotone else (None, None) for f in features]
+    bounds.append((None, None))
+    w = minimize(loss, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=bounds).x
     model.coef, model.intercept = [float(v) for v in w[:-1]], float(w[-1])
     model.mean, model.scale = [float(v) for v in mean], [float(v) for v in scale]
     return model

@@ -17,7 +17,7 @@ from MultiTaskSegLib.bundle import META_FILE, load_bundle, save_bundle
 from MultiTaskSegLib.errors import BundleError
 from MultiTaskSegLib.postprocessing import stray_share
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
-from MultiTaskSegLib.quality import QualityModel, structure_evidence
+from MultiTaskSegLib.quality import DIRECTION, QualityModel, structure_evidence
 from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality, loo_scores
 from MultiTaskSegTraining.trust_metrics import aurc, failure_table
 
@@ -189,6 +189,22 @@ def test_quality_model_learns_a_monotone_expected_dice_and_ranks_failures():
     table = failure_table({"quality": 1 - expected, "random": rng.uniform(size=len(test))}, dice)
     assert table["signals"]["quality"]["aurc"] < table["signals"]["random"]["aurc"]
     assert aurc(1 - dice, 1 - dice) == pytest.approx(table["aurc_oracle"])
+
+
+def test_quality_model_never_rates_an_image_better_for_being_more_unusual():
+    # fit cases where, by chance, the more out-of-distribution ones segmented better: an unconstrained
+    # fit would learn "OOD raises Dice" and extrapolate it to far-OOD images; the fit keeps that at 0
+    rng = np.random.default_rng(5)
+    recs, _ = _quality_records(rng)
+    scores = [2.0 * r["dice"]["1"] + 0.05 * rng.normal() for r in recs]  # OOD score follows Dice
+    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]])
+    coef = dict(zip(model.features, model.coef))
+    assert coef["ood_z"] == 0.0 and coef["soft_dice"] > 0
+    for f, c in coef.items():
+        assert c * DIRECTION[f] >= 0.0, f
+    evidence = {"soft_dice": 0.8, "mean_entropy": 0.4, "volume_ml": 100.0, "stray_share": 0.0}
+    near, far = (model.expected_dice([model.feature_row(evidence, "liver", z, 0.9)])[0] for z in (0.5, 10.0))
+    assert far <= near
 
 
 def _quality_dict() -> dict:

@@ -57,7 +57,8 @@ def quality_text(quality: dict | None) -> str:
     return (
         f" Quality: a logistic expected-Dice model per structure on {', '.join(quality['features'])}, fitted on "
         f"{quality['fitted_on']} (TorchIO artefacts), flag when the expected Dice is below "
-        f"{quality['flag_below']} or the image is OOD; coefficients in bundle.json."
+        f"{quality['flag_below']} or the image is OOD; coefficients (each within the sign its evidence implies: "
+        "more OOD, entropy, volume deviation or fragments never raise the expected Dice) in bundle.json."
     )
 
 

@@ -31,10 +31,12 @@ from MultiTaskSegTraining.trust_fit import (
 )
 from MultiTaskSegTraining.trust_metrics import failure_table
 
+# name: (features, coefficients within their evidence's sign)
 FEATURE_SETS = {
-    "before (5 features)": [f for f in FEATURES if f != "stray_share"],
-    "with stray_share (6)": list(FEATURES),
-    "without ood_z": [f for f in FEATURES if f != "ood_z"],
+    "before (5 features)": ([f for f in FEATURES if f != "stray_share"], False),
+    "with stray_share (6)": (list(FEATURES), False),
+    "with stray_share (6), sign-constrained": (list(FEATURES), True),
+    "without ood_z": ([f for f in FEATURES if f != "ood_z"], False),
 }
 
 
@@ -71,7 +73,7 @@ def main() -> None:
         return [v for v in (r.get("dice") or {}) if int(v) in ctx_labels[r["recognised"]]]
 
     signals: dict[str, np.ndarray] = {}
-    for name, sets in FEATURE_SETS.items():
+    for name, (sets, monotone) in FEATURE_SETS.items():
         held_out = np.full(len(recs), np.nan)
         for k in range(args.folds):
             train = [r for r, f in zip(recs, folds) if f != k]
@@ -83,6 +85,7 @@ def main() -> None:
                 names,
                 ctx_labels,
                 features=sets,
+                monotone=monotone,
             )
             for i in np.flatnonzero(folds == k):
                 r = recs[i]

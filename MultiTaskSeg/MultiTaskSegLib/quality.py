@@ -16,7 +16,10 @@ Evidence per predicted structure (all on the canonical grid `predict` already ha
 - ``context_confidence``: the context head's softmax probability of the recognised context.
 
 A logistic model maps the standardised evidence to an expected Dice in [0, 1]; its
-coefficients are plain numbers in bundle.json (no pickle). The case's expected Dice is the
+coefficients are plain numbers in bundle.json (no pickle). Each coefficient is fitted within the
+sign its evidence implies (``DIRECTION``): more OOD, more entropy, a more unusual volume or more
+fragments can never raise the expected Dice, however the fit cases happen to fall, so the estimate
+extrapolates sanely to images unlike them. The case's expected Dice is the
 mean over the recognised context's structures; the case is flagged when it falls below
 ``flag_below`` or the OOD detector flags the image.
 """
@@ -32,6 +35,15 @@ import torch
 from .postprocessing import stray_share
 
 FEATURES = ("soft_dice", "mean_entropy", "volume_z", "stray_share", "ood_z", "context_confidence")
+# the sign each feature's coefficient may take: +1 = may only raise the expected Dice, -1 = may only lower it
+DIRECTION = {
+    "soft_dice": 1,
+    "mean_entropy": -1,
+    "volume_z": -1,
+    "stray_share": -1,
+    "ood_z": -1,
+    "context_confidence": 1,
+}
 EMPTY_VOLUME_Z = 4.0  # an empty mask is as unusual as a volume 4 std away from the training mean
 
 
