@@ -280,7 +280,6 @@ def _pipeline_section(cases: list[dict]) -> list[str]:
 def _shares(c: dict) -> str:
     """Uncertainty + OOD (+ quality, for runs that timed it) as a share of end to end, then each part."""
     q = c.get("quality_share")
-    if q is None:
-        return f"{100 * c['uncertainty_ood_share']:.1f} % ({100 * c['uncertainty_share']:.1f} + {100 * c['ood_share']:.2f})"
-    total = c["uncertainty_ood_share"] + q
-    return f"{100 * total:.1f} % ({100 * c['uncertainty_share']:.1f} + {100 * c['ood_share']:.2f} + {100 * q:.2f})"
+    parts = [f"{100 * c['uncertainty_share']:.1f}", f"{100 * c['ood_share']:.2f}"]
+    parts += [f"{100 * q:.2f}"] if q is not None else []
+    return f"{100 * (c['uncertainty_ood_share'] + (q or 0.0)):.1f} % ({' + '.join(parts)})"

@@ -44,8 +44,6 @@ def summarise(case: dict) -> dict:
     med = {k: median([r[k] for r in runs]) for k in runs[0]}
     cpu_total = med.pop("cpu_total", None)
     total = med["total"]
-    # uncertainty: MC dropout (if asked) + context merge + entropy (the softmax the labels need is "probabilities") + its
-    # resampling to the input grid + writing it; OOD: the Gram accumulation inside the window loop + spectrum and score
     s = {
         "name": case["name"],
         "description": case["description"],

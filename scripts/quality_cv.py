@@ -40,12 +40,8 @@ FEATURE_SETS = {
 }
 
 
-def load(records: Path, families: tuple[str, ...]) -> list[dict]:
-    out = []
-    for fam in families:
-        for path in sorted((records / fam).glob("*.json")):
-            out.append(json.loads(path.read_text(encoding="utf-8")))
-    return out
+def load(records: Path, family: str) -> list[dict]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((records / family).glob("*.json"))]
 
 
 def main() -> None:
@@ -58,7 +54,7 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle)
     names, ctx_labels = bundle.label_names, [list(c["labels"]) for c in bundle.contexts]
-    fit, fit_shift, fit_fov = (load(args.records, (f,)) for f in ("fit", "fit_shift", "fit_fov"))
+    fit, fit_shift, fit_fov = (load(args.records, f) for f in ("fit", "fit_shift", "fit_fov"))
     det, loo = fit_detector(fit + fit_fov, bundle.meta["ood"]["layers"], bundle.context_names)
     recs = fit + fit_shift
     ood = np.concatenate([loo[: len(fit)], loo_scores(det, fit_shift)])
@@ -89,12 +85,9 @@ def main() -> None:
             )
             for i in np.flatnonzero(folds == k):
                 r = recs[i]
+                evidence = {int(v): r["evidence"][v] for v in structures(r)}
                 conf = record_context(r)[1] or 1.0
-                rows = [
-                    model.feature_row(r["evidence"][v], names[int(v)], ood[i] / det.threshold, conf)
-                    for v in structures(r)
-                ]
-                held_out[i] = float(np.mean(model.expected_dice(np.asarray(rows)))) if rows else 0.0
+                held_out[i] = model.assess(evidence, names, ood[i] / det.threshold, conf, False).expected_dice
         signals[f"quality: {name}"] = 1.0 - held_out
     for feature, sign in (("soft_dice", -1.0), ("mean_entropy", 1.0), ("stray_share", 1.0)):
         signals[feature] = np.asarray(

@@ -29,9 +29,9 @@ from MultiTaskSegTraining.trust_bench import Plan, run_job, work_list
 from MultiTaskSegTraining.trust_fit import case_dice
 
 
-def with_weights(bundle_dir: Path, checkpoint: Path, out: Path) -> Path:
+def with_weights(bundle_dir: Path, state: dict, out: Path) -> Path:
+    """A copy of the bundle at ``out`` with the network weights ``state``."""
     bundle = load_bundle(bundle_dir)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
     with np.load(bundle.path / "signatures.npz", allow_pickle=False) as d:
         sig, ctx, ids = d["signatures"], d["context_index"], list(d["case_ids"])
     save_bundle(out, bundle.meta, state, sig, ctx, ids)
@@ -47,9 +47,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    step = torch.load(args.checkpoint, map_location="cpu", weights_only=True).get("step", "?")
+    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    step = checkpoint.get("step", "?")
     with tempfile.TemporaryDirectory() as tmp:
-        predictor = Predictor(load_bundle(with_weights(args.bundle, args.checkpoint, Path(tmp) / "b")), "cpu")
+        predictor = Predictor(load_bundle(with_weights(args.bundle, checkpoint["model"], Path(tmp) / "b")), "cpu")
         bundle = predictor.bundle
         val = {c for name, part in bundle.meta["training"]["split"].items() for c in part["val"]}
         jobs = [
