@@ -72,6 +72,16 @@ def postprocessing_text(post: dict | None, names: dict) -> str:
     )
 
 
+def augmentation(config: dict) -> str:
+    """The training run's augmentation in words (its config as stored in the bundle)."""
+    if not config.get("augment", True):
+        return "no augmentation"
+    kinds = "rotation/scaling/intensity/noise/low-resolution"
+    if config.get("artefact_augmentation"):
+        kinds += " + artefact (smooth bias field, anisotropic blur, stronger noise)"
+    return f"{kinds} augmentation"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -122,8 +132,7 @@ def main() -> None:
         f"{tr['steps']} steps ({tr['minutes']} min on a 2-core CPU, 1 thread), seed {tr['seed']}, "
         f"code revision `{tr['code_revision'][:10]}`, torch {tr['torch']}. Partial-label marginal loss "
         "(CE + soft Dice), AdamW with warm-up and cosine decay, datasets sampled ∝ √cases, 50 % foreground "
-        "patches, rotation/scaling/intensity/noise/low-resolution augmentation. Split (patient level, "
-        "seed 0): "
+        f"patches, {augmentation(tr.get('config') or {})}. Split (patient level, seed 0): "
         + "; ".join(f"{k} {len(v['train'])}/{len(v['val'])}/{len(v['test'])}" for k, v in tr["split"].items())
         + " (train/val/test)."
         + (f" {args.note}" if args.note else ""),

@@ -41,7 +41,21 @@ FEATURE_SETS = {
 
 
 def load(records: Path, family: str) -> list[dict]:
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((records / family).glob("*.json"))]
+    paths = sorted((records / family).glob("*.json"))
+    if family == "fit_shift":  # one corrupted variant per case, or the held-out folds count some cases twice
+        variants: dict[str, list[str]] = {}
+        for p in paths:
+            variants.setdefault(p.stem.rsplit("__", 1)[0], []).append(p.name)
+        mixed = {case: names for case, names in variants.items() if len(names) > 1}
+        if mixed:
+            case, names = next(iter(mixed.items()))
+            raise SystemExit(
+                f"{records / family} holds {len(mixed)} case(s) with several corrupted variants (e.g. {case}: "
+                f"{', '.join(names)}): the folder mixes plans (the 12-case fit at the end of `mtseg train` assigns "
+                "artefacts in another order than --fit-cases all). Point --records at a `mtseg trust` run's "
+                "records/, or move away the variants that run did not list."
+            )
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
 def main() -> None:
