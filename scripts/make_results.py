@@ -162,7 +162,7 @@ def comparison_section(arms: Path, page: Path) -> list[str]:
         "Same architecture, same seeded patient-level split, same budget for every arm "
         f"(`configs/arms.yaml`: {cfg['steps']} steps of batch {cfg['batch_size']} with "
         f"{'×'.join(str(p) for p in cfg['patch_size'])} patches at 2 mm; the shipped model had "
-        f"10178). Transfer = pre-train on the other four datasets for {cfg['steps']} steps, then "
+        f"14351). Transfer = pre-train on the other four datasets for {cfg['steps']} steps, then "
         f"fine-tune the whole network on the target for {cfg['steps']} steps. The validation curves "
         "below show whether each arm reached its plateau. Dice on the original image grid, "
         "mean ± std [min–max] over test cases; HD95 in mm. Every arm is scored on what `mtseg predict` outputs "
