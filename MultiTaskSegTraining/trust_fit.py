@@ -11,7 +11,7 @@ Used by `mtseg finalise` (the bundle's detector and quality model) and by the tr
   z-scores on the log scale of the fit cases. The threshold is the conformal (1 − α) quantile
   of the leave-one-patient-out scores of the clean fit cases: about α false alarms on new
   cases of the same distribution.
-- Quality: a logistic model of the per-structure Dice on ``quality.FEATURES`` (OOD z =
+- Quality: a logistic model of the per-structure Dice on ``FIT_FEATURES`` (OOD z =
   leave-one-case-out score / threshold, so a case is never scored against itself), fitted
   on clean and corrupted fit cases by minimising the soft-label cross-entropy with a small
   L2 penalty.
@@ -186,6 +186,14 @@ def log_volume_stats(fit_recs: Sequence[dict], names: dict[int, str]) -> dict[st
     return {k: [float(np.mean(x)), float(np.std(x)) if len(x) > 1 else 1.0] for k, x in values.items()}
 
 
+# The features the shipped quality model is fitted on: every one predict computes except the soft Dice. The
+# fit cases are mostly images the network trained on, where its soft and hard masks agree whatever the true
+# Dice; fitted with it, the model leaned on it and ranked the validation cases (images the network never
+# trained on) worse than without it, on the run-3 and run-4 records alike (scripts/quality_cv.py
+# --validation-holdout; docs/RESULTS.md, Trust).
+FIT_FEATURES = tuple(f for f in FEATURES if f != "soft_dice")
+
+
 def fit_quality(
     recs: Sequence[dict],
     ood_scores: Sequence[float],
@@ -195,7 +203,7 @@ def fit_quality(
     context_labels: list[list[int]],
     l2: float = 1e-2,
     fitted_on: str = "",
-    features: Sequence[str] = FEATURES,
+    features: Sequence[str] = FIT_FEATURES,
     monotone: bool = True,
 ) -> QualityModel:
     from scipy.optimize import minimize

@@ -17,8 +17,8 @@ from MultiTaskSegLib.bundle import META_FILE, load_bundle, save_bundle
 from MultiTaskSegLib.errors import BundleError
 from MultiTaskSegLib.postprocessing import stray_share
 from MultiTaskSegLib.predictor import PredictOptions, Predictor
-from MultiTaskSegLib.quality import DIRECTION, QualityModel, structure_evidence
-from MultiTaskSegTraining.trust_fit import conformal_quantile, fit_detector, fit_quality, loo_scores
+from MultiTaskSegLib.quality import DIRECTION, FEATURES, QualityModel, structure_evidence
+from MultiTaskSegTraining.trust_fit import FIT_FEATURES, conformal_quantile, fit_detector, fit_quality, loo_scores
 from MultiTaskSegTraining.trust_metrics import aurc, failure_table
 
 
@@ -176,7 +176,9 @@ def _quality_records(rng: np.random.Generator, n: int = 60) -> tuple[list[dict],
 def test_quality_model_learns_a_monotone_expected_dice_and_ranks_failures():
     rng = np.random.default_rng(2)
     recs, scores = _quality_records(rng)
-    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]])
+    # every feature predict computes (the shipped fit leaves out the soft Dice, which these records make the signal)
+    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]], features=FEATURES)
+    assert "soft_dice" not in FIT_FEATURES and set(FIT_FEATURES) < set(FEATURES)
     evidence = {"mean_entropy": 0.4, "volume_ml": 100.0, "stray_share": 0.0}
     lo = model.expected_dice([model.feature_row({**evidence, "soft_dice": 0.3}, "liver", 0.5, 0.9)])[0]
     hi = model.expected_dice([model.feature_row({**evidence, "soft_dice": 0.95}, "liver", 0.5, 0.9)])[0]
@@ -197,7 +199,7 @@ def test_quality_model_never_rates_an_image_better_for_being_more_unusual():
     rng = np.random.default_rng(5)
     recs, _ = _quality_records(rng)
     scores = [2.0 * r["dice"]["1"] + 0.05 * rng.normal() for r in recs]  # OOD score follows Dice
-    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]])
+    model = fit_quality(recs, scores, 1.0, {"liver": [4.6, 0.3]}, {1: "liver"}, [[1]], features=FEATURES)
     coef = dict(zip(model.features, model.coef))
     assert coef["ood_z"] == 0.0 and coef["soft_dice"] > 0
     for f, c in coef.items():

@@ -7,7 +7,10 @@ held-out estimates give a case-level AURC (risk = 1 − Dice) and failure AUROC 
 feature set, beside the same figures of every single signal.
 
     PYTHONPATH=MultiTaskSeg:. python scripts/quality_cv.py --bundle MultiTaskSeg/Resources/Models/default \
-        --records runs/trust_v5/records
+        --records runs/trust_v5/records [--validation-holdout]
+
+--validation-holdout scores only the validation cases (and their corrupted variants), with every model
+fitted on the training cases' records: the network has not trained on those images, as on a user's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.quality import FEATURES
 from MultiTaskSegTraining.trust_fit import (
     case_dice,
+    case_of,
     fit_detector,
     fit_quality,
     log_volume_stats,
@@ -37,6 +41,12 @@ FEATURE_SETS = {
     "with stray_share (6)": (list(FEATURES), False),
     "with stray_share (6), sign-constrained": (list(FEATURES), True),
     "without ood_z": ([f for f in FEATURES if f != "ood_z"], False),
+    "without soft_dice, sign-constrained": ([f for f in FEATURES if f != "soft_dice"], True),
+    "entropy, stray share, context confidence, sign-constrained": (
+        ["mean_entropy", "stray_share", "context_confidence"],
+        True,
+    ),
+    "entropy only": (["mean_entropy"], True),
 }
 
 
@@ -64,6 +74,12 @@ def main() -> None:
     ap.add_argument("--records", type=Path, required=True)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--validation-holdout",
+        action="store_true",
+        help="instead of patient folds: fit on the training cases' records, score the validation cases' "
+        "(images the network never trained on, as a user's are)",
+    )
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle)
@@ -77,15 +93,20 @@ def main() -> None:
     patients = sorted({patient_of(r) for r in recs})
     fold_of = dict(zip(patients, np.random.default_rng(args.seed).permutation(len(patients)) % args.folds))
     folds = np.asarray([fold_of[patient_of(r)] for r in recs])
+    scored_folds = list(range(args.folds))
+    if args.validation_holdout:
+        val = {(ds, c) for ds, s in bundle.meta["training"]["split"].items() for c in s["val"]}
+        folds = np.asarray([int((r["dataset"], case_of(r)) in val) for r in recs])
+        scored_folds = [1]
     dice = np.asarray([case_dice(r) for r in recs])
 
-    def structures(r: dict) -> list[str]:
-        return [v for v in (r.get("dice") or {}) if int(v) in ctx_labels[r["recognised"]]]
+    def structures(r: dict) -> list[str]:  # what predict reports on: the recognised context's structures
+        return [str(v) for v in ctx_labels[r["recognised"]]]
 
     signals: dict[str, np.ndarray] = {}
     for name, (sets, monotone) in FEATURE_SETS.items():
         held_out = np.full(len(recs), np.nan)
-        for k in range(args.folds):
+        for k in scored_folds:
             train = [r for r, f in zip(recs, folds) if f != k]
             model = fit_quality(
                 train,
@@ -105,12 +126,18 @@ def main() -> None:
         signals[f"quality: {name}"] = 1.0 - held_out
     for feature, sign in (("soft_dice", -1.0), ("mean_entropy", 1.0), ("stray_share", 1.0)):
         signals[feature] = np.asarray(
-            [sign * np.mean([r["evidence"][v][feature] for v in structures(r)] or [0.0]) for r in recs]
+            [sign * np.mean([r["evidence"][v][feature] for v in structures(r)]) for r in recs]
         )
     signals["1-context_confidence"] = np.asarray([1.0 - (record_context(r)[1] or 1.0) for r in recs])
-    table = failure_table(signals, dice)
+    scored = np.isin(folds, scored_folds)
+    table = failure_table({k: v[scored] for k, v in signals.items()}, dice[scored])
+    how = (
+        "fitted on the training cases, scored on the validation cases"
+        if args.validation_holdout
+        else (f"{len(patients)} patients, {args.folds} folds")
+    )
     print(
-        f"{len(recs)} fit + fit_shift cases, {len(patients)} patients, {args.folds} folds; "
+        f"{int(scored.sum())} fit + fit_shift cases scored, {how}; "
         f"{table['n_failures']} with Dice < 0.5; AURC oracle {table['aurc_oracle']:.4f}, random {table['aurc_random']:.4f}"
     )
     print("| signal | AURC (held out) | failure AUROC |\n|---|---|---|")
