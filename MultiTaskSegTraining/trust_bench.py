@@ -110,10 +110,16 @@ def work_list(bundle: Bundle, data_dirs: Sequence, ood_dirs: Sequence, plan: Pla
             jobs.append(Job(family, f"{family}/{name}", path))
     kinds = list(plan.kinds)
     for ds in datasets:
-        fit = pick_even(ds.cases("train") + ds.cases("val"), plan.fit_cases)
+        every = ds.cases("train") + ds.cases("val")
+        fit = pick_even(every, plan.fit_cases)
         jobs += [labelled("fit", ds, c) for c in fit]
         jobs += [reframed("fit_fov", ds, c) for c in fit] if plan.field_of_view else []
-        for i, c in enumerate(fit):  # one artefact each: types in turn, severities alternating
+        # one artefact each: types in turn, severities alternating, by the case's place among all fit cases,
+        # so a 12-case plan (the end of `mtseg train`) and --fit-cases all give a case the same variant and
+        # share its cached record
+        place = {c.case_id: i for i, c in enumerate(every)}
+        for c in fit:
+            i = place[c.case_id]
             jobs.append(
                 labelled("fit_shift", ds, c, (kinds[i % len(kinds)], plan.severities[i % len(plan.severities)]))
             )

@@ -96,3 +96,15 @@ def test_finalise_refits_the_shipped_weights_and_predict_reports_quality(bench, 
     assert report["ood"]["detector"].startswith("spectral-ctx-recognised+confidence:")
     with pytest.raises(Exception, match="already holds a bundle"):
         refit_trust(BUNDLE, DATA, out, bench / "records", fit_cases=2, device="cpu", log=lambda m: None)
+
+
+def test_a_fit_case_gets_the_same_corrupted_variant_in_every_plan():
+    # the 12-case fit at the end of `mtseg train` and `mtseg finalise --fit-cases all` share a record cache:
+    # a case's variant must not depend on how many cases the plan picked
+    from MultiTaskSegLib.bundle import load_bundle
+    from MultiTaskSegTraining.trust_bench import Plan, work_list
+
+    bundle = load_bundle(BUNDLE)
+    keys = {n: {j.key for j in work_list(bundle, DATA, (), Plan(fit_cases=n, fit_only=True))} for n in (12, None)}
+    shifted = {k for k in keys[12] if k.startswith("fit_shift/")}
+    assert len(shifted) == 24 and shifted <= keys[None]

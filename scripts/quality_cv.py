@@ -62,7 +62,7 @@ def load(records: Path, family: str) -> list[dict]:
             raise SystemExit(
                 f"{records / family} holds {len(mixed)} case(s) with several corrupted variants (e.g. {case}: "
                 f"{', '.join(names)}): the folder mixes plans (the 12-case fit at the end of `mtseg train` assigns "
-                "artefacts in another order than --fit-cases all). Point --records at a `mtseg trust` run's "
+                "artefacts in another order than --fit-cases all before session 20). Point --records at a `mtseg trust` run's "
                 "records/, or move away the variants that run did not list."
             )
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
