@@ -51,21 +51,21 @@ FEATURE_SETS = {
 
 
 def load(records: Path, family: str) -> list[dict]:
-    paths = sorted((records / family).glob("*.json"))
+    recs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((records / family).glob("*.json"))]
     if family == "fit_shift":  # one corrupted variant per case, or the held-out folds count some cases twice
-        variants: dict[str, list[str]] = {}
-        for p in paths:
-            variants.setdefault(p.stem.rsplit("__", 1)[0], []).append(p.name)
-        mixed = {case: names for case, names in variants.items() if len(names) > 1}
+        variants: dict[tuple[str, str], list[str]] = {}
+        for r in recs:
+            variants.setdefault((r["dataset"], case_of(r)), []).append(r["key"])
+        mixed = {case: keys for case, keys in variants.items() if len(keys) > 1}
         if mixed:
-            case, names = next(iter(mixed.items()))
+            (dataset, case), keys = next(iter(mixed.items()))
             raise SystemExit(
-                f"{records / family} holds {len(mixed)} case(s) with several corrupted variants (e.g. {case}: "
-                f"{', '.join(names)}): the folder mixes plans (the 12-case fit at the end of `mtseg train` assigns "
-                "artefacts in another order than --fit-cases all before session 20). Point --records at a `mtseg trust` run's "
-                "records/, or move away the variants that run did not list."
+                f"{records / family} holds {len(mixed)} case(s) with several corrupted variants (e.g. {dataset} "
+                f"{case}: {', '.join(keys)}): the folder mixes plans (the 12-case fit at the end of `mtseg train` "
+                "assigned artefacts in another order than --fit-cases all before session 20). Point --records at a "
+                "`mtseg trust` run's records/, or move away the variants that run did not list."
             )
-    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    return recs
 
 
 def main() -> None:
@@ -90,14 +90,17 @@ def main() -> None:
     ood = np.concatenate([loo[: len(fit)], loo_scores(det, fit_shift)])
     keep = [i for i, r in enumerate(recs) if case_dice(r) is not None]
     recs, ood = [recs[i] for i in keep], ood[keep]
-    patients = sorted({patient_of(r) for r in recs})
-    fold_of = dict(zip(patients, np.random.default_rng(args.seed).permutation(len(patients)) % args.folds))
-    folds = np.asarray([fold_of[patient_of(r)] for r in recs])
-    scored_folds = list(range(args.folds))
-    if args.validation_holdout:
+    if args.validation_holdout:  # "fold" 1 = the validation cases, the only one scored
         val = {(ds, c) for ds, s in bundle.meta["training"]["split"].items() for c in s["val"]}
         folds = np.asarray([int((r["dataset"], case_of(r)) in val) for r in recs])
         scored_folds = [1]
+        how = "fitted on the training cases, scored on the validation cases"
+    else:
+        patients = sorted({patient_of(r) for r in recs})
+        fold_of = dict(zip(patients, np.random.default_rng(args.seed).permutation(len(patients)) % args.folds))
+        folds = np.asarray([fold_of[patient_of(r)] for r in recs])
+        scored_folds = list(range(args.folds))
+        how = f"{len(patients)} patients, {args.folds} folds"
     dice = np.asarray([case_dice(r) for r in recs])
 
     def structures(r: dict) -> list[str]:  # what predict reports on: the recognised context's structures
@@ -131,11 +134,6 @@ def main() -> None:
     signals["1-context_confidence"] = np.asarray([1.0 - (record_context(r)[1] or 1.0) for r in recs])
     scored = np.isin(folds, scored_folds)
     table = failure_table({k: v[scored] for k, v in signals.items()}, dice[scored])
-    how = (
-        "fitted on the training cases, scored on the validation cases"
-        if args.validation_holdout
-        else (f"{len(patients)} patients, {args.folds} folds")
-    )
     print(
         f"{int(scored.sum())} fit + fit_shift cases scored, {how}; "
         f"{table['n_failures']} with Dice < 0.5; AURC oracle {table['aurc_oracle']:.4f}, random {table['aurc_random']:.4f}"
