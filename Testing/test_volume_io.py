@@ -200,3 +200,14 @@ def test_fraction_map_is_uint8_with_a_slope_and_reads_back_as_floats(
         data = path.read_bytes()
         assert data.count(b"\x1f\x8b\x08") >= 3
         assert len(gzip.decompress(data)) == 352 + values.size
+
+
+def test_implausible_field_of_view_is_refused_before_resampling():
+    """50 mm voxels (a spacing in cm or a lost scale) would make a canonical grid of billions of voxels."""
+    array = np.random.default_rng(0).normal(size=(10, 64, 64)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((50.0, 50.0, 50.0))
+    with pytest.raises(InputVolumeError, match=r"spans 3200 × 3200 × 500 mm.*check the voxel spacing"):
+        validate_volume(image, "x")
+    image.SetSpacing((1.5, 1.5, 10.0))  # the same array at a real spacing passes
+    validate_volume(image, "x")

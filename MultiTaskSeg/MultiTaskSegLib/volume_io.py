@@ -185,6 +185,9 @@ def _nifti_problem(data: bytes, header: dict) -> str | None:
     return None
 
 
+MAX_EXTENT_MM = 3000.0  # a whole-body CT is about 2 m long: anything larger has a wrong spacing
+
+
 def validate_volume(image: sitk.Image, name: str = "input") -> None:
     """Refuse images that cannot be segmented, with a message naming the problem."""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -209,6 +212,15 @@ def validate_volume(image: sitk.Image, name: str = "input") -> None:
         )
     if np.prod(size) == 0:
         raise InputVolumeError(f"{name}: image is empty (size {size})")
+    extent = [n * s for n, s in zip(size[:3], image.GetSpacing()[:3])]
+    if max(extent) > MAX_EXTENT_MM:
+        # A wrong spacing (metres or cm written as mm, a scale lost in conversion) would otherwise
+        # build a resampling grid of billions of voxels and end in an out-of-memory error.
+        raise InputVolumeError(
+            f"{name}: image spans {' × '.join(f'{e:.0f}' for e in extent)} mm (size {size[:3]}, spacing "
+            f"{tuple(round(s, 4) for s in image.GetSpacing()[:3])} mm); no patient scan is larger than "
+            f"{MAX_EXTENT_MM:.0f} mm along an axis — check the voxel spacing in the file's header (is it in mm?)"
+        )
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
