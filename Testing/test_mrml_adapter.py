@@ -215,7 +215,7 @@ def test_loading_in_steps_can_be_cancelled_at_every_step(predictor, scene_and_in
     assert np.array_equal(exported_labels(scene, loaded.segmentation, node), sitk.GetArrayFromImage(result.labels))
 
 
-@pytest.mark.parametrize("kind", ["slice2d", "vector", "empty", "constant"])
+@pytest.mark.parametrize("kind", ["slice2d", "vector", "empty", "constant", "spacing_in_cm"])
 def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
     scene = slicer.vtkMRMLScene()
     if kind == "slice2d":
@@ -231,6 +231,11 @@ def test_bad_input_gives_clear_error_and_no_nodes(predictor, kind):
     elif kind == "empty":
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nothing")
         message = "no voxels"
+    elif kind == "spacing_in_cm":  # a node whose spacing says 40 mm voxels: a 256-voxel row spans 10 m
+        image = sitk.GetImageFromArray(np.arange(8 * 256 * 256, dtype=np.int16).reshape(8, 256, 256))
+        image.SetSpacing((40.0, 40.0, 40.0))
+        node = adapter.add_volume_node_from_image(scene, image, "metres")
+        message = "check the voxel spacing"
     else:
         node = adapter.add_volume_node_from_image(scene, sitk.Image(6, 6, 6, sitk.sitkInt16), "zeros")
         message = "empty"

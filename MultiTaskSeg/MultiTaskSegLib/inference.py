@@ -78,11 +78,11 @@ def select_device(requested: str = "auto") -> torch.device:
 def autocast_context(device: torch.device, cpu_bf16: bool = False):
     """bf16 (or fp16 where bf16 is unsupported) on CUDA; full precision on CPU unless ``cpu_bf16``.
 
-    CPU bf16 is opt-in: it runs PyTorch's standard layers in bf16 on AMX / AVX512-BF16, in the latest
-    BENCHMARKS.md 1.15–1.9× faster than the default fp32 CPU kernels (fast_inference.py; in earlier runs with
-    other weights it was slower: measure on your CPU), but its labels differ (Dice 0.98–0.99 against fp32)
-    and its logits and feature spectra differ from the full-precision ones (|Δlogit| ~ 1e-2) that the
-    training signatures were computed with.
+    CPU bf16 is opt-in: it runs PyTorch's standard layers in bf16 on AMX / AVX512-BF16. Against the default
+    fp32 CPU kernels (fast_inference.py) it measured 0.97–1.9× the speed, varying with the volume and the
+    run (BENCHMARKS.md of sessions 19 and 21; slower still in earlier runs: measure on your CPU); its labels
+    differ (mean Dice 0.96–0.99 against fp32) and its logits and feature spectra differ from the
+    full-precision ones (|Δlogit| ~ 1e-2) that the training signatures were computed with.
     """
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -44,7 +44,7 @@ class PredictOptions:
     mc_dropout: int = 0  # number of MC-dropout passes (0 = off)
     modality: str | None = None  # 'CT' / 'MR' to override detection
     restrict_to_context: bool | None = None  # None = the bundle's default
-    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU: faster on AMX CPUs, slightly different outputs
+    cpu_bf16: bool = False  # opt-in bf16 autocast on CPU: often faster on AMX CPUs, slightly different outputs
 
 
 @dataclass
