@@ -24,6 +24,7 @@ import numpy as np
 from MultiTaskSegLib.bundle import load_bundle
 from MultiTaskSegLib.quality import FEATURES
 from MultiTaskSegTraining.trust_fit import (
+    FIT_FEATURES,
     case_dice,
     case_of,
     fit_detector,
@@ -41,7 +42,7 @@ FEATURE_SETS = {
     "with stray_share (6)": (list(FEATURES), False),
     "with stray_share (6), sign-constrained": (list(FEATURES), True),
     "without ood_z": ([f for f in FEATURES if f != "ood_z"], False),
-    "without soft_dice, sign-constrained": ([f for f in FEATURES if f != "soft_dice"], True),
+    "without soft_dice, sign-constrained": (list(FIT_FEATURES), True),  # the shipped model's features
     "entropy, stray share, context confidence, sign-constrained": (
         ["mean_entropy", "stray_share", "context_confidence"],
         True,
